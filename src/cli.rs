@@ -1,0 +1,113 @@
+//! The command line, and the only file that knows clap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "syncer",
+    version,
+    about = "Keeps a replica directory an exact, safe, one-way mirror of a source directory"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one pass, then exit (for cron and scripts).
+    Monoshot(SyncArgs),
+    /// Start a daemon that runs a pass at once and then every interval.
+    Start(StartArgs),
+    /// Stop a running daemon.
+    Stop(JobArgs),
+    /// Show the state of a job.
+    Status(StatusArgs),
+}
+
+/// Options shared by `monoshot` and `start`.
+#[derive(Args, Debug, Clone)]
+pub struct SyncArgs {
+    /// Directory to mirror from.
+    #[arg(long, short = 's', value_name = "DIR")]
+    pub source: PathBuf,
+    /// Directory to mirror into (created if missing).
+    #[arg(long, short = 'r', value_name = "DIR")]
+    pub replica: PathBuf,
+    /// Job name: names the PID, status, cache and log files in the state directory.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// State directory [default: $XDG_STATE_HOME/syncer or ~/.local/state/syncer].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// File-I/O log [default: <state-dir>/<name>.io.log].
+    #[arg(long, value_name = "PATH")]
+    pub io_log: Option<PathBuf>,
+    /// Schedule log [default: <state-dir>/<name>.schedule.log].
+    #[arg(long, value_name = "PATH")]
+    pub schedule_log: Option<PathBuf>,
+    /// Exclude entries matching this gitignore-style pattern (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Read exclude patterns from FILE, one per line (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Re-hash every file on both sides, ignoring the hash cache.
+    #[arg(long)]
+    pub checksum: bool,
+    /// Print what would be done, change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Deletion guard: N entries, P% of the replica, or 'none' [default: refuse to leave a
+    /// replica of 100+ entries with fewer than half].
+    #[arg(long, value_name = "N|P%|none")]
+    pub max_delete: Option<String>,
+    /// Move every replica file about to be overwritten or deleted into DIR/<pass time>/.
+    #[arg(long, value_name = "DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Worker threads [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// More output (debug detail).
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Print errors only.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub sync: SyncArgs,
+    /// Time between pass starts: 30s, 5m, 1h...
+    #[arg(long, short = 'i', value_name = "DURATION")]
+    pub interval: String,
+    /// Do not fork: run the loop in this process (systemd Type=simple, containers).
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JobArgs {
+    /// Job name.
+    #[arg(long, default_value = "default", conflicts_with = "all")]
+    pub name: String,
+    /// Every job in the state directory.
+    #[arg(long)]
+    pub all: bool,
+    /// State directory [default: $XDG_STATE_HOME/syncer or ~/.local/state/syncer].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Print JSON (one object per job, in an array with --all).
+    #[arg(long)]
+    pub json: bool,
+}

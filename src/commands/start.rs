@@ -1,0 +1,119 @@
+//! `syncer start`: validate everything a pass would, then fork a daemon (or, with
+//! `--foreground`, run the loop here). The caller gets exit 0 only once the daemon holds its
+//! PID file; a bad argument or a running job is reported on the caller's terminal.
+
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use daemonize::{Daemonize, Outcome};
+
+use crate::cli::StartArgs;
+use crate::config::Config;
+use crate::daemon;
+use crate::error::{Error, ExitCode, Result};
+use crate::state::{self, lock};
+
+/// How long the caller waits for the daemon to confirm it runs.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub fn run(args: &StartArgs) -> Result<ExitCode> {
+    let interval = humantime::parse_duration(&args.interval)
+        .map_err(|e| Error::Usage(format!("invalid --interval '{}': {e}", args.interval)))?;
+    let cfg = Config::from_args(&args.sync, Some(interval))?;
+    fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| Error::io("create state directory", &cfg.state_dir, e))?;
+    let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");
+    if let Some(text) = lock::holder(&pid_path) {
+        return Err(Error::Busy(format!(
+            "job '{}' is already running (pid {})",
+            cfg.name,
+            daemon::pid_of(&text).map_or("unknown".into(), |p| p.to_string())
+        )));
+    }
+    if let Some(text) = lock::holder(&lock::replica_lock_path(&cfg.state_dir, &cfg.replica)) {
+        return Err(Error::Busy(format!(
+            "replica '{}' is busy: another pass holds its lock ({text})",
+            crate::model::show(&cfg.replica)
+        )));
+    }
+    if args.foreground {
+        return Ok(daemon::run(&cfg, "", true));
+    }
+
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let log_path = state::file(&cfg.state_dir, &cfg.name, "daemon.log");
+    let open_log = || {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io("open daemon log", &log_path, e))
+    };
+    let error_path = state::file(&cfg.state_dir, &cfg.name, "start-error");
+    let _ = fs::remove_file(&error_path);
+    let daemon = Daemonize::new()
+        .working_directory("/")
+        .umask(0o022)
+        .stdout(open_log()?)
+        .stderr(open_log()?);
+    match daemon.execute() {
+        Outcome::Parent(Ok(_)) => confirm(&cfg, &pid_path, &error_path, &nonce, &log_path),
+        Outcome::Parent(Err(e)) => Err(Error::Usage(format!("could not start the daemon: {e}"))),
+        Outcome::Child(Ok(_)) => Ok(daemon::run(&cfg, &nonce, false)),
+        Outcome::Child(Err(e)) => {
+            let _ = fs::write(&error_path, format!("{nonce} could not daemonize: {e}\n"));
+            Ok(ExitCode::Usage)
+        }
+    }
+}
+
+/// Waits until the daemon with our nonce holds the PID file, or reports why it did not.
+fn confirm(
+    cfg: &Config,
+    pid_path: &Path,
+    error_path: &Path,
+    nonce: &str,
+    log_path: &Path,
+) -> Result<ExitCode> {
+    let deadline = Instant::now() + CONFIRM_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(text) = fs::read_to_string(error_path) {
+            if let Some(msg) = text.trim().strip_prefix(nonce) {
+                let _ = fs::remove_file(error_path);
+                let busy = msg.contains("already running") || msg.contains("busy");
+                let msg = msg.trim().to_string();
+                return Err(if busy {
+                    Error::Busy(msg)
+                } else {
+                    Error::Usage(msg)
+                });
+            }
+        }
+        if let Some(text) = lock::holder(pid_path) {
+            if text.split_whitespace().nth(1) == Some(nonce) {
+                let pid = daemon::pid_of(&text).unwrap_or(0);
+                println!(
+                    "started job '{}' (pid {pid}): '{}' -> '{}' every {}",
+                    cfg.name,
+                    crate::model::show(&cfg.source),
+                    crate::model::show(&cfg.replica),
+                    humantime::format_duration(cfg.interval.unwrap_or_default())
+                );
+                return Ok(ExitCode::Ok);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(Error::Usage(format!(
+        "the daemon did not confirm it started within {}s; see '{}'",
+        CONFIRM_TIMEOUT.as_secs(),
+        crate::model::show(log_path)
+    )))
+}

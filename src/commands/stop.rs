@@ -1,0 +1,64 @@
+//! `syncer stop`: SIGTERM to the job's daemon, then wait (bounded) for it to exit.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::cli::JobArgs;
+use crate::config;
+use crate::daemon;
+use crate::error::{ExitCode, Result};
+use crate::state::{self, lock};
+
+/// How long `stop` waits for a daemon to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn run(args: &JobArgs) -> Result<ExitCode> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let dir = config::state_dir(args.state_dir.as_deref(), &cwd);
+    let names = if args.all {
+        super::status::job_names(&dir)
+    } else {
+        vec![args.name.clone()]
+    };
+    if args.all && names.is_empty() {
+        println!("no jobs in '{}'", crate::model::show(&dir));
+    }
+    let mut code = ExitCode::Ok;
+    for name in names {
+        config::check_name(&name)?;
+        let pid_path = state::file(&dir, &name, "pid");
+        let Some(text) = lock::holder(&pid_path) else {
+            println!("job '{name}' is not running");
+            continue;
+        };
+        let Some(pid) = daemon::pid_of(&text) else {
+            eprintln!("syncer: job '{name}' holds its PID file but its pid is unreadable");
+            code = ExitCode::Partial;
+            continue;
+        };
+        if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
+            eprintln!("syncer: could not signal job '{name}' (pid {pid}): {e}");
+            code = ExitCode::Partial;
+            continue;
+        }
+        let t0 = Instant::now();
+        while lock::holder(&pid_path).is_some() && t0.elapsed() < STOP_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if lock::holder(&pid_path).is_some() {
+            eprintln!(
+                "syncer: job '{name}' (pid {pid}) did not stop within {}s",
+                STOP_TIMEOUT.as_secs()
+            );
+            code = ExitCode::Partial;
+        } else {
+            println!(
+                "stopped job '{name}' (pid {pid}) in {:.1}s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(code)
+}

@@ -1,0 +1,162 @@
+//! The daemon: PID file, signals and the interval loop. Passes start every interval,
+//! measured start to start; a pass that overruns is followed at once by the next; passes
+//! never overlap (one thread runs them). A failed or refused pass does not stop the loop.
+//!
+//! Signals only set flags (signal-hook); the loop and the pass poll them. SIGTERM/SIGINT
+//! cancel the pass in flight (the file being copied is abandoned, its temp file removed),
+//! then the daemon writes its status, removes its PID file and exits 0. SIGHUP reopens the
+//! log files; SIGUSR1 starts a pass now.
+
+use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cancel;
+use crate::commands;
+use crate::config::Config;
+use crate::error::ExitCode;
+use crate::journal;
+use crate::model::show;
+use crate::pass;
+use crate::state::{self, lock, status};
+
+/// The longest the loop sleeps before looking at its signal flags again.
+const TICK: Duration = Duration::from_millis(50);
+
+/// The pid in a PID file's text (`<pid> <nonce>`).
+pub fn pid_of(text: &str) -> Option<u32> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Reports a start-up failure: on the terminal in the foreground, else to the waiting parent.
+fn fail(cfg: &Config, nonce: &str, foreground: bool, msg: &str) {
+    if foreground {
+        eprintln!("syncer: {msg}");
+    } else {
+        let _ = fs::write(
+            state::file(&cfg.state_dir, &cfg.name, "start-error"),
+            format!("{nonce} {msg}\n"),
+        );
+        eprintln!("syncer: {msg}");
+    }
+}
+
+/// Runs the daemon loop until SIGTERM/SIGINT. `nonce` identifies this start to the parent.
+pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
+    let reopen = Arc::new(AtomicBool::new(false));
+    let now = Arc::new(AtomicBool::new(false));
+    let signals = cancel::on_signals()
+        .and_then(|_| signal_hook::flag::register(signal_hook::consts::SIGHUP, reopen.clone()))
+        .and_then(|_| signal_hook::flag::register(signal_hook::consts::SIGUSR1, now.clone()));
+    if let Err(e) = signals {
+        fail(
+            cfg,
+            nonce,
+            foreground,
+            &format!("could not install signal handlers: {e}"),
+        );
+        return ExitCode::Usage;
+    }
+    journal::init(foreground.then_some(cfg.verbosity));
+    let pid = std::process::id();
+    let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");
+    let mut pidfile = match lock::try_lock(&pid_path) {
+        Ok(Ok(held)) => held,
+        Ok(Err(text)) => {
+            let other = pid_of(&text).map_or("unknown".into(), |p| p.to_string());
+            fail(
+                cfg,
+                nonce,
+                foreground,
+                &format!("job '{}' is already running (pid {other})", cfg.name),
+            );
+            return ExitCode::Busy;
+        }
+        Err(e) => {
+            fail(
+                cfg,
+                nonce,
+                foreground,
+                &format!("could not lock '{}': {e}", show(&pid_path)),
+            );
+            return ExitCode::Usage;
+        }
+    };
+    let who = format!("daemon pid {pid} job {}", cfg.name);
+    let _replica_lock = match lock::lock_replica(&cfg.state_dir, &cfg.replica, &who) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = fs::remove_file(&pid_path);
+            fail(cfg, nonce, foreground, &e.to_string());
+            return e.exit_code();
+        }
+    };
+    journal::open_files(&cfg.io_log, &cfg.schedule_log);
+    commands::build_pool(cfg.threads);
+    let cache = commands::open_cache(cfg);
+    let interval = cfg.interval.unwrap_or(Duration::from_secs(300));
+    let mut st = commands::base_status(cfg);
+    if let Some(old) = status::read(&cfg.state_dir, &cfg.name) {
+        st.last_pass = old.last_pass;
+        st.refused_reason = old.refused_reason;
+    }
+    st.running = true;
+    st.pid = Some(pid);
+    let _ = status::write(&cfg.state_dir, &st);
+    journal::schedule(format_args!(
+        "DAEMON START pid {pid} job {} source '{}' replica '{}' interval {}",
+        cfg.name,
+        show(&cfg.source),
+        show(&cfg.replica),
+        humantime::format_duration(interval)
+    ));
+    // Announce readiness last: the parent returns 0 once it sees this.
+    if let Err(e) = pidfile.describe(&format!("{pid} {nonce}\n")) {
+        fail(
+            cfg,
+            nonce,
+            foreground,
+            &format!("could not write '{}': {e}", show(&pid_path)),
+        );
+        return ExitCode::Usage;
+    }
+
+    let mut next = Instant::now();
+    while !cancel::requested() {
+        if reopen.swap(false, Ordering::Relaxed) {
+            journal::reopen();
+            journal::schedule(format_args!("LOGS REOPENED"));
+        }
+        let pass_now = now.swap(false, Ordering::Relaxed);
+        if pass_now || Instant::now() >= next {
+            let started = Instant::now();
+            let outcome = pass::run(cfg, &cache, foreground && commands::wants_progress(cfg));
+            commands::record_pass(&mut st, &outcome.record);
+            next = (started + interval).max(Instant::now());
+            if cancel::requested() {
+                break;
+            }
+            let at = SystemTime::now() + next.saturating_duration_since(Instant::now());
+            let at = humantime::format_rfc3339_seconds(at).to_string();
+            journal::schedule(format_args!("NEXT PASS {at}"));
+            st.next_pass = Some(at);
+            if let Err(e) = status::write(&cfg.state_dir, &st) {
+                log::warn!("could not write the job status: {e}");
+            }
+        }
+        std::thread::sleep(
+            TICK.min(next.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(1)),
+        );
+    }
+    st.running = false;
+    st.pid = None;
+    st.next_pass = None;
+    st.updated = journal::now_rfc3339();
+    let _ = status::write(&cfg.state_dir, &st);
+    journal::schedule(format_args!("DAEMON STOP pid {pid}"));
+    let _ = fs::remove_file(&pid_path);
+    drop(pidfile);
+    ExitCode::Ok
+}

@@ -1,0 +1,215 @@
+//! The two logs and the terminal. The file-I/O log gets one line per action, the schedule
+//! log one line per pass event; monoshot and `--foreground` print the same lines to the
+//! terminal (actions and summaries on stdout, warnings and errors on stderr, `syncer: `
+//! prefixed). Files are opened for append and reopened on SIGHUP (logrotate).
+//!
+//! This is a small `log::Log` of its own rather than simplelog's: it must route two targets
+//! to two files and reopen them in place, which simplelog's loggers cannot do.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::SystemTime;
+
+use indicatif::ProgressBar;
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use crate::config::Verbosity;
+use crate::model::RelPath;
+
+const IO: &str = "io";
+const SCHEDULE: &str = "schedule";
+const PLAN: &str = "plan";
+
+struct Sink {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Sink {
+    fn open(path: PathBuf) -> Sink {
+        let file = open_append(&path);
+        Sink { path, file }
+    }
+    fn write(&mut self, line: &str) {
+        if let Some(f) = &mut self.file {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    fn reopen(&mut self) {
+        self.file = open_append(&self.path);
+    }
+}
+
+fn open_append(path: &Path) -> Option<File> {
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    OpenOptions::new().create(true).append(true).open(path).ok()
+}
+
+struct Journal {
+    terminal: Mutex<Option<Verbosity>>,
+    io: Mutex<Option<Sink>>,
+    schedule: Mutex<Option<Sink>>,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+static JOURNAL: Journal = Journal {
+    terminal: Mutex::new(None),
+    io: Mutex::new(None),
+    schedule: Mutex::new(None),
+    bar: Mutex::new(None),
+};
+
+static INSTALLED: OnceLock<()> = OnceLock::new();
+
+/// Installs the logger. `terminal` is `None` for a forked daemon (no terminal).
+pub fn init(terminal: Option<Verbosity>) {
+    *JOURNAL.terminal.lock().expect("journal lock") = terminal;
+    INSTALLED.get_or_init(|| {
+        let _ = log::set_logger(&JOURNAL);
+        log::set_max_level(LevelFilter::Debug);
+    });
+}
+
+/// Starts writing the two log files (appending).
+pub fn open_files(io_log: &Path, schedule_log: &Path) {
+    *JOURNAL.io.lock().expect("journal lock") = Some(Sink::open(io_log.to_path_buf()));
+    *JOURNAL.schedule.lock().expect("journal lock") = Some(Sink::open(schedule_log.to_path_buf()));
+}
+
+/// Reopens both log files by path (after logrotate moved them away).
+pub fn reopen() {
+    for sink in [&JOURNAL.io, &JOURNAL.schedule] {
+        if let Some(s) = sink.lock().expect("journal lock").as_mut() {
+            s.reopen();
+        }
+    }
+}
+
+/// Shows a progress bar (TTY only); log lines are printed above it.
+pub fn set_bar(bar: Option<ProgressBar>) {
+    *JOURNAL.bar.lock().expect("journal lock") = bar;
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// One file-I/O log line: `ACTION path [size sha256]`.
+pub fn action(word: &str, rel: &RelPath, detail: std::fmt::Arguments) {
+    log::info!(target: IO, "{word} {rel}{detail}");
+}
+
+/// A per-entry error: an `ERROR` line in the file-I/O log and a message on stderr.
+pub fn entry_error(rel: &RelPath, message: &str) {
+    log::error!(target: IO, "ERROR {rel} {message}");
+}
+
+/// A per-entry skip (e.g. changed during copy): a `SKIP` line and a warning on stderr.
+pub fn entry_skip(rel: &RelPath, message: &str) {
+    log::warn!(target: IO, "SKIP {rel} {message}");
+}
+
+/// A schedule log line.
+pub fn schedule(line: std::fmt::Arguments) {
+    log::info!(target: SCHEDULE, "{line}");
+}
+
+/// A dry-run line (terminal only).
+pub fn plan_line(line: std::fmt::Arguments) {
+    log::info!(target: PLAN, "{line}");
+}
+
+impl Journal {
+    fn to_terminal(&self, record: &Record, line: &str) {
+        let Some(v) = *self.terminal.lock().expect("journal lock") else {
+            return;
+        };
+        let level = record.level();
+        let show = match v {
+            Verbosity::Quiet => level <= Level::Error,
+            Verbosity::Normal => level <= Level::Info,
+            Verbosity::Verbose => true,
+        };
+        if !show {
+            return;
+        }
+        let print = || {
+            if level <= Level::Warn {
+                let _ = writeln!(std::io::stderr(), "syncer: {line}");
+            } else {
+                let _ = writeln!(std::io::stdout(), "{line}");
+            }
+        };
+        match self.bar.lock().expect("journal lock").as_ref() {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        }
+    }
+}
+
+impl Log for Journal {
+    fn enabled(&self, _: &Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &Record) {
+        let msg = record.args().to_string();
+        let target = record.target();
+        let stamped = |m: &str| format!("{} {m}", now_rfc3339());
+        if target == IO {
+            let line = stamped(&msg);
+            if let Some(s) = self.io.lock().expect("journal lock").as_mut() {
+                s.write(&line);
+            }
+            let term = if record.level() <= Level::Warn {
+                msg.split_once(' ')
+                    .map(|(_, rest)| rest.split_once(' ').map_or(rest, |(_, m)| m))
+                    .unwrap_or(&msg)
+                    .to_string()
+            } else {
+                line
+            };
+            self.to_terminal(record, &term);
+        } else if target == SCHEDULE {
+            let line = stamped(&msg);
+            if let Some(s) = self.schedule.lock().expect("journal lock").as_mut() {
+                s.write(&line);
+            }
+            self.to_terminal(record, &line);
+        } else if target == PLAN {
+            self.to_terminal(record, &msg);
+        } else {
+            if record.level() <= Level::Warn {
+                let word = if record.level() == Level::Error {
+                    "ERROR"
+                } else {
+                    "WARN"
+                };
+                let line = stamped(&format!("{word} {msg}"));
+                if let Some(s) = self.schedule.lock().expect("journal lock").as_mut() {
+                    s.write(&line);
+                }
+            }
+            if target.starts_with("syncer") {
+                let text = if record.level() == Level::Warn {
+                    format!("warning: {msg}")
+                } else {
+                    msg
+                };
+                self.to_terminal(record, &text);
+            }
+        }
+    }
+
+    fn flush(&self) {
+        for sink in [&self.io, &self.schedule] {
+            if let Some(Sink { file: Some(f), .. }) = sink.lock().expect("journal lock").as_mut() {
+                let _ = f.flush();
+            }
+        }
+    }
+}

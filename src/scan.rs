@@ -1,0 +1,410 @@
+//! The parallel merge-walk of source and replica. One directory pair at a time: both sides
+//! are listed (one `lstat` per entry, never repeated), names are merged in byte order, each
+//! name is decided (see `compare`), and sub-directories are walked in parallel with rayon.
+//! Work is split per directory and per entry, so both wide and deep trees keep every core
+//! busy, and only differences are kept: memory follows the number of changes, not the tree.
+//!
+//! A source directory that cannot be read is *unknown*, never empty: its replica twin is
+//! left alone, nothing below it is deleted. Excluded names are invisible on both sides.
+//! Leftover temp files of an interrupted pass are removed when met.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::cancel;
+use crate::compare::{self, meta_differs, FileVerdict};
+use crate::config::Excludes;
+use crate::error::reason;
+use crate::fsops::{is_temp, list_dir, HashCounters, Replica};
+use crate::model::{Entry, Kind, Meta, RelPath};
+use crate::plan::{Action, Draft, Op, Plan, Problem, Reason};
+use crate::state::cache::{CachedFile, DirRecord, Snapshot};
+
+/// Everything a scan reads; shared by all scan threads.
+pub struct Ctx<'a> {
+    pub source: &'a Path,
+    pub replica: &'a Replica,
+    pub excludes: &'a Excludes,
+    pub snapshot: &'a Snapshot,
+    pub counters: &'a HashCounters,
+    /// `--checksum`: ignore the cache.
+    pub checksum: bool,
+    /// `--dry-run`: do not even remove leftover temp files.
+    pub dry_run: bool,
+    /// Source tokens whose ctime is at or after this (ns) are racy (see `state::cache`).
+    pub racy_after_ns: i64,
+}
+
+/// Scans both trees from their roots. `src_root` is the source root's metadata; `rep_root`
+/// the replica root's, if it exists.
+pub fn scan(ctx: &Ctx, src_root: &Meta, rep_root: Option<&Meta>) -> Plan {
+    walk(ctx, &RelPath::root(), Some(src_root), rep_root)
+}
+
+/// What one name contributes to its directory.
+#[derive(Default)]
+struct Child {
+    plan: Plan,
+    cached: Option<CachedFile>,
+    /// Something is created, replaced or removed directly in this directory.
+    changed: bool,
+    /// A file is copied or fixed in this directory (its cache entry comes from the outcome).
+    copies: bool,
+}
+
+/// Walks one directory pair. `src` is `None` for a replica directory whose source is gone
+/// but which holds excluded entries (only its non-excluded entries are deleted).
+fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Plan {
+    let mut plan = Plan::default();
+    if cancel::requested() {
+        return plan;
+    }
+    let src_entries = match src {
+        None => Vec::new(),
+        Some(_) => match list_dir(&rel.under(ctx.source)) {
+            Ok(v) => v,
+            Err(e) => {
+                plan.problems.push(Problem {
+                    rel: rel.clone(),
+                    message: format!(
+                        "could not read source directory '{rel}': {}; nothing below its replica twin is deleted",
+                        reason(&e)
+                    ),
+                });
+                return plan;
+            }
+        },
+    };
+    let rep_entries = match rep {
+        None => Vec::new(),
+        Some(_) => match ctx.replica.list(rel) {
+            Ok(v) => v,
+            Err(e) => {
+                plan.problems.push(Problem {
+                    rel: rel.clone(),
+                    message: format!("could not read replica directory '{rel}': {}", reason(&e)),
+                });
+                return plan;
+            }
+        },
+    };
+    let mut touched = rep.is_none();
+    let src_entries: Vec<Entry> = src_entries
+        .into_iter()
+        .filter(|e| {
+            !is_temp(&e.name)
+                && !ctx
+                    .excludes
+                    .is_excluded(&rel.join(&e.name), e.meta.kind == Kind::Dir)
+        })
+        .collect();
+    let mut rep_kept = Vec::with_capacity(rep_entries.len());
+    for e in rep_entries {
+        if is_temp(&e.name) {
+            if !ctx.dry_run && ctx.replica.remove_temp(&rel.join(&e.name)).is_ok() {
+                log::debug!("removed leftover temp file '{}'", rel.join(&e.name));
+                touched = true;
+            }
+            continue;
+        }
+        if ctx
+            .excludes
+            .is_excluded(&rel.join(&e.name), e.meta.kind == Kind::Dir)
+        {
+            continue;
+        }
+        rep_kept.push(e);
+    }
+    let has_file_pairs = src_entries.iter().any(|e| e.meta.kind == Kind::File);
+    let record = if has_file_pairs && !rep_kept.is_empty() {
+        ctx.snapshot.dir(rel).unwrap_or_default()
+    } else {
+        DirRecord::default()
+    };
+    let pairs = merge(src_entries, rep_kept);
+    let children: Vec<Child> = pairs
+        .into_par_iter()
+        .map(|(name, s, r)| decide(ctx, rel, name, s, r, &record))
+        .collect();
+
+    let mut files = Vec::new();
+    let mut copies = false;
+    for child in children {
+        touched |= child.changed;
+        copies |= child.copies;
+        files.extend(child.cached);
+        plan = plan.merge(child.plan);
+    }
+    if src.is_some() && (copies || files != record.files) {
+        plan.drafts.push(Draft {
+            dir: rel.clone(),
+            files,
+        });
+    }
+    if let Some(src) = src {
+        if touched || rep.is_none_or(|r| meta_differs(src, r, ctx.replica.chown)) {
+            plan.actions.push(Action {
+                rel: rel.clone(),
+                op: Op::DirMeta {
+                    meta: Box::new(*src),
+                },
+            });
+        }
+    }
+    plan
+}
+
+type Pair = (OsString, Option<Entry>, Option<Entry>);
+
+/// Merges two name-sorted listings into (name, source entry, replica entry) triples.
+fn merge(src: Vec<Entry>, rep: Vec<Entry>) -> Vec<Pair> {
+    let mut out = Vec::with_capacity(src.len().max(rep.len()));
+    let mut s = src.into_iter().peekable();
+    let mut r = rep.into_iter().peekable();
+    loop {
+        let order = match (s.peek(), r.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(a), Some(b)) => a.name.as_bytes().cmp(b.name.as_bytes()),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let a = s.next().expect("peeked");
+                out.push((a.name.clone(), Some(a), None));
+            }
+            std::cmp::Ordering::Greater => {
+                let b = r.next().expect("peeked");
+                out.push((b.name.clone(), None, Some(b)));
+            }
+            std::cmp::Ordering::Equal => {
+                let a = s.next().expect("peeked");
+                let b = r.next().expect("peeked");
+                out.push((a.name.clone(), Some(a), Some(b)));
+            }
+        }
+    }
+    out
+}
+
+fn decide(
+    ctx: &Ctx,
+    dir: &RelPath,
+    name: OsString,
+    src: Option<Entry>,
+    rep: Option<Entry>,
+    record: &DirRecord,
+) -> Child {
+    let rel = dir.join(&name);
+    let mut c = Child::default();
+    if cancel::requested() {
+        return c;
+    }
+    match (src, rep) {
+        (None, None) => {}
+        (None, Some(r)) => delete(ctx, &rel, &r.meta, &mut c),
+        (Some(s), None) => create(ctx, &rel, &s.meta, &mut c),
+        (Some(s), Some(r)) => {
+            c.plan.replica_entries += 1;
+            let (sk, rk) = (s.meta.kind, r.meta.kind);
+            if sk == Kind::Special {
+                skip_special(&rel, &mut c);
+            } else if sk != rk {
+                // Replace: the old entry goes first (apply runs deletions before creations).
+                delete(ctx, &rel, &r.meta, &mut c);
+                c.plan.replica_entries -= 1;
+                create(ctx, &rel, &s.meta, &mut c);
+            } else {
+                match sk {
+                    Kind::Dir => {
+                        let sub = walk(ctx, &rel, Some(&s.meta), Some(&r.meta));
+                        c.plan = std::mem::take(&mut c.plan).merge(sub);
+                    }
+                    Kind::Symlink => symlinks(ctx, &rel, &s.meta, &r.meta, &mut c),
+                    Kind::File => {
+                        let cached = record.find(name.as_bytes());
+                        match compare::files(ctx, &rel, &name, &s.meta, &r.meta, cached) {
+                            FileVerdict::Copy { reason, known } => {
+                                c.changed = true;
+                                c.copies = true;
+                                c.plan.actions.push(Action {
+                                    rel,
+                                    op: Op::Copy {
+                                        reason,
+                                        size: s.meta.size,
+                                        known,
+                                        overwrites: true,
+                                    },
+                                });
+                            }
+                            FileVerdict::Meta(entry) => {
+                                // The fix changes the replica's token: rewrite the record.
+                                c.copies = true;
+                                c.cached = Some(entry);
+                                c.plan.actions.push(Action {
+                                    rel,
+                                    op: Op::Meta {
+                                        meta: Box::new(s.meta),
+                                    },
+                                });
+                            }
+                            FileVerdict::Same(entry) => c.cached = Some(entry),
+                            FileVerdict::Error(message) => {
+                                c.plan.problems.push(Problem { rel, message })
+                            }
+                        }
+                    }
+                    Kind::Special => unreachable!("handled above"),
+                }
+            }
+        }
+    }
+    c
+}
+
+fn skip_special(rel: &RelPath, c: &mut Child) {
+    log::warn!("skipping '{rel}': fifos, sockets and devices are not mirrored");
+    c.plan.specials += 1;
+}
+
+/// Plans the creation of a source entry that the replica lacks.
+fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
+    match meta.kind {
+        Kind::Special => skip_special(rel, c),
+        Kind::File => {
+            c.changed = true;
+            c.copies = true;
+            c.plan.creates += 1;
+            c.plan.actions.push(Action {
+                rel: rel.clone(),
+                op: Op::Copy {
+                    reason: Reason::Create,
+                    size: meta.size,
+                    known: None,
+                    overwrites: false,
+                },
+            });
+        }
+        Kind::Symlink => match std::fs::read_link(rel.under(ctx.source)) {
+            Ok(target) => {
+                c.changed = true;
+                c.plan.creates += 1;
+                c.plan.actions.push(Action {
+                    rel: rel.clone(),
+                    op: Op::Link {
+                        reason: Reason::Create,
+                        target,
+                        meta: Box::new(*meta),
+                    },
+                });
+            }
+            Err(e) => c.plan.problems.push(Problem {
+                rel: rel.clone(),
+                message: format!("could not read source symlink '{rel}': {}", reason(&e)),
+            }),
+        },
+        Kind::Dir => {
+            c.changed = true;
+            c.plan.creates += 1;
+            c.plan.actions.push(Action {
+                rel: rel.clone(),
+                op: Op::Mkdir,
+            });
+            let sub = walk(ctx, rel, Some(meta), None);
+            c.plan = std::mem::take(&mut c.plan).merge(sub);
+        }
+    }
+}
+
+/// Plans the removal of a replica entry whose source is gone.
+fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
+    c.changed = true;
+    if meta.kind == Kind::Dir {
+        let (entries, excluded) = count_tree(ctx, rel);
+        if excluded {
+            // Excluded entries are never deleted: remove the rest, keep the directory.
+            c.plan.replica_entries += 1;
+            let sub = walk(ctx, rel, None, Some(meta));
+            c.plan = std::mem::take(&mut c.plan).merge(sub);
+            return;
+        }
+        c.plan.replica_entries += entries + 1;
+        c.plan.deletes += entries + 1;
+        c.plan.actions.push(Action {
+            rel: rel.clone(),
+            op: Op::Delete {
+                kind: Kind::Dir,
+                entries: entries + 1,
+            },
+        });
+    } else {
+        c.plan.replica_entries += 1;
+        c.plan.deletes += 1;
+        c.plan.actions.push(Action {
+            rel: rel.clone(),
+            op: Op::Delete {
+                kind: meta.kind,
+                entries: 1,
+            },
+        });
+    }
+}
+
+/// Counts the entries below a replica directory (never following symlinks) and says whether
+/// any of them is excluded.
+fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool) {
+    let Ok(entries) = ctx.replica.list(rel) else {
+        return (0, false);
+    };
+    entries
+        .par_iter()
+        .map(|e| {
+            let child = rel.join(&e.name);
+            let is_dir = e.meta.kind == Kind::Dir;
+            if ctx.excludes.is_excluded(&child, is_dir) {
+                return (0, true);
+            }
+            if is_dir {
+                let (n, x) = count_tree(ctx, &child);
+                (n + 1, x)
+            } else {
+                (1, false)
+            }
+        })
+        .reduce(|| (0, false), |a, b| (a.0 + b.0, a.1 || b.1))
+}
+
+fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
+    let target = match std::fs::read_link(rel.under(ctx.source)) {
+        Ok(t) => t,
+        Err(e) => {
+            c.plan.problems.push(Problem {
+                rel: rel.clone(),
+                message: format!("could not read source symlink '{rel}': {}", reason(&e)),
+            });
+            return;
+        }
+    };
+    let same_target = ctx.replica.read_link(rel).is_ok_and(|t| t == target);
+    if !same_target {
+        c.changed = true;
+        c.plan.actions.push(Action {
+            rel: rel.clone(),
+            op: Op::Link {
+                reason: Reason::Update,
+                target,
+                meta: Box::new(*src),
+            },
+        });
+    } else if meta_differs(src, rep, ctx.replica.chown) {
+        c.plan.actions.push(Action {
+            rel: rel.clone(),
+            op: Op::Meta {
+                meta: Box::new(*src),
+            },
+        });
+    }
+}

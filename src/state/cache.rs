@@ -1,0 +1,279 @@
+//! The persistent hash cache, in an embedded database (redb). One record per directory that
+//! holds files: for each file, the stat token of the source and of the replica when it was
+//! last hashed or written, and the sha256 of the content. A record per directory (not per
+//! file) makes an idle pass cost one lookup per directory, and lets a record be rebuilt from
+//! one directory scan, so names that disappeared simply drop out.
+//!
+//! A token is trusted only when it matches exactly. A source file whose ctime is too close to
+//! the moment it was hashed is "racy" (a second write within the same clock tick would leave
+//! the token unchanged) and is re-hashed by the next pass, as git does for its index.
+//!
+//! The database also records which source and replica it belongs to (a foreign cache is
+//! cleared, not trusted) and one summary per pass. It is written only after the pass's data
+//! is durable. A database that cannot be opened is replaced, with a warning, by a new one.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{show, Hash, RelPath, Token};
+
+const DIRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dirs");
+const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
+const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
+
+/// Bumped whenever the record encoding changes; a database of another version is rebuilt.
+const FORMAT: &[u8] = b"syncer-cache-1";
+
+/// How many pass summaries the database keeps.
+const KEEP_PASSES: u64 = 1000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedFile {
+    pub name: Vec<u8>,
+    pub src: Token,
+    pub rep: Token,
+    pub hash: Hash,
+    /// The source token may hide a later write in the same clock tick: do not trust it.
+    pub src_racy: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DirRecord {
+    /// Sorted by name.
+    pub files: Vec<CachedFile>,
+}
+
+impl DirRecord {
+    pub fn find(&self, name: &[u8]) -> Option<&CachedFile> {
+        self.files
+            .binary_search_by(|f| f.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| &self.files[i])
+    }
+}
+
+pub struct Cache {
+    db: Option<Database>,
+    path: PathBuf,
+}
+
+/// A consistent read view of the cache for one scan, shared by all scan threads.
+pub struct Snapshot {
+    table: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
+}
+
+impl Snapshot {
+    pub fn empty() -> Snapshot {
+        Snapshot { table: None }
+    }
+
+    pub fn dir(&self, rel: &RelPath) -> Option<DirRecord> {
+        let table = self.table.as_ref()?;
+        let guard = table.get(rel.as_bytes()).ok()??;
+        bincode::deserialize(guard.value()).ok()
+    }
+}
+
+fn db_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Cache {
+    /// A cache that remembers nothing (dry runs, or when the database is held elsewhere).
+    pub fn disabled() -> Cache {
+        Cache {
+            db: None,
+            path: PathBuf::new(),
+        }
+    }
+
+    /// Opens (or creates) the cache at `path` for this source and replica. Returns the
+    /// cache and the warnings to log (corrupt or foreign database, database busy).
+    pub fn open(path: &Path, source: &Path, replica: &Path) -> (Cache, Vec<String>) {
+        let mut warnings = Vec::new();
+        let db = match Self::open_db(path) {
+            Ok(db) => Some(db),
+            Err(OpenError::Busy) => {
+                warnings.push(format!(
+                    "hash cache '{}' is in use by another syncer process; this pass hashes without it",
+                    show(path)
+                ));
+                return (Cache::disabled(), warnings);
+            }
+            Err(OpenError::Other(e)) => {
+                warnings.push(format!(
+                    "hash cache '{}' is unreadable ({e}); rebuilding it by hashing",
+                    show(path)
+                ));
+                let _ = std::fs::remove_file(path);
+                match Self::open_db(path) {
+                    Ok(db) => Some(db),
+                    Err(_) => {
+                        warnings.push(format!("could not create hash cache '{}'", show(path)));
+                        None
+                    }
+                }
+            }
+        };
+        let mut cache = Cache {
+            db,
+            path: path.to_path_buf(),
+        };
+        if let Err(e) = cache.claim(source, replica, &mut warnings) {
+            warnings.push(format!(
+                "hash cache '{}': {e}; running without it",
+                show(path)
+            ));
+            cache.db = None;
+        }
+        (cache, warnings)
+    }
+
+    fn open_db(path: &Path) -> Result<Database, OpenError> {
+        match Database::builder().set_cache_size(4 << 20).create(path) {
+            Ok(db) => Ok(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(OpenError::Busy),
+            Err(e) => Err(OpenError::Other(e.to_string())),
+        }
+    }
+
+    /// Makes sure the database belongs to this source and replica; clears it otherwise.
+    fn claim(
+        &mut self,
+        source: &Path,
+        replica: &Path,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let owner = owner_key(source, replica);
+        let current = {
+            let txn = db.begin_read().map_err(db_err)?;
+            match txn.open_table(INFO) {
+                Ok(t) => {
+                    let fmt = t.get("format").map_err(db_err)?.map(|v| v.value().to_vec());
+                    let own = t.get("owner").map_err(db_err)?.map(|v| v.value().to_vec());
+                    Some((fmt, own))
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(db_err(e)),
+            }
+        };
+        let fresh = match &current {
+            None => true,
+            Some((fmt, own)) => {
+                if fmt.as_deref() != Some(FORMAT) || own.as_deref() != Some(owner.as_slice()) {
+                    warnings.push(format!(
+                        "hash cache '{}' belongs to another source/replica or version; clearing it",
+                        show(&self.path)
+                    ));
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if fresh {
+            let txn = db.begin_write().map_err(db_err)?;
+            let _ = txn.delete_table(DIRS);
+            {
+                let mut info = txn.open_table(INFO).map_err(db_err)?;
+                info.insert("format", FORMAT).map_err(db_err)?;
+                info.insert("owner", owner.as_slice()).map_err(db_err)?;
+                txn.open_table(DIRS).map_err(db_err)?;
+                txn.open_table(PASSES).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.db.is_some()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let Some(db) = &self.db else {
+            return Snapshot::empty();
+        };
+        let table = db.begin_read().ok().and_then(|t| t.open_table(DIRS).ok());
+        Snapshot { table }
+    }
+
+    /// Writes the new directory records, drops the records of deleted trees and stores the
+    /// pass summary, in one durable transaction.
+    pub fn commit(
+        &self,
+        records: Vec<(RelPath, DirRecord)>,
+        dropped_trees: &[RelPath],
+        pass_key: u64,
+        pass_json: &str,
+    ) -> Result<(), String> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
+            for tree in dropped_trees {
+                let key = tree.as_bytes().to_vec();
+                dirs.remove(key.as_slice()).map_err(db_err)?;
+                let (lo, hi) = child_range(&key);
+                let doomed: Vec<Vec<u8>> = dirs
+                    .range::<&[u8]>((lo.as_slice()..hi.as_slice()).clone())
+                    .map_err(db_err)?
+                    .filter_map(|e| e.ok().map(|(k, _)| k.value().to_vec()))
+                    .collect();
+                for k in doomed {
+                    dirs.remove(k.as_slice()).map_err(db_err)?;
+                }
+            }
+            for (dir, record) in records {
+                if record.files.is_empty() {
+                    dirs.remove(dir.as_bytes()).map_err(db_err)?;
+                } else {
+                    let bytes = bincode::serialize(&record).map_err(db_err)?;
+                    dirs.insert(dir.as_bytes(), bytes.as_slice())
+                        .map_err(db_err)?;
+                }
+            }
+            let mut passes = txn.open_table(PASSES).map_err(db_err)?;
+            passes.insert(pass_key, pass_json).map_err(db_err)?;
+            let old: Vec<u64> = passes
+                .iter()
+                .map_err(db_err)?
+                .filter_map(|e| e.ok().map(|(k, _)| k.value()))
+                .collect();
+            if old.len() as u64 > KEEP_PASSES {
+                for k in &old[..old.len() - KEEP_PASSES as usize] {
+                    passes.remove(k).map_err(db_err)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+}
+
+enum OpenError {
+    Busy,
+    Other(String),
+}
+
+fn owner_key(source: &Path, replica: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut k = source.as_os_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(replica.as_os_str().as_bytes());
+    k
+}
+
+/// Keys strictly below directory `key`: `key/` up to (not including) `key0` ('0' follows '/').
+fn child_range(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    if key.is_empty() {
+        return (Vec::new(), vec![0xff; 8]);
+    }
+    let mut lo = key.to_vec();
+    lo.push(b'/');
+    let mut hi = key.to_vec();
+    hi.push(b'0');
+    (lo, hi)
+}

@@ -1,0 +1,98 @@
+//! Advisory locks (`flock`) in the state directory. A lock belongs to an open file, so the
+//! kernel releases it when its process dies, however it dies: no stale lock can outlive a
+//! crash, and a leftover lock file is harmless.
+//!
+//! - The replica lock (`locks/<id>.lock`, id from the replica's canonical path): one writer
+//!   per replica. monoshot holds it for its pass; a daemon for its whole life.
+//! - The PID file (`<name>.pid`): one daemon per job; locked by the daemon while it runs.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::model::show;
+
+/// A held lock; released when dropped (or when the process exits).
+pub struct Held {
+    file: File,
+    path: PathBuf,
+}
+
+impl Held {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Replaces the lock file's text (who holds it).
+    pub fn describe(&mut self, text: &str) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(text.as_bytes())?;
+        self.file.flush()
+    }
+}
+
+/// Tries to take the lock at `path`. `Ok(Err(text))` means another process holds it, with
+/// the text the holder wrote into the file.
+pub fn try_lock(path: &Path) -> std::io::Result<std::result::Result<Held, String>> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Ok(Held {
+            file,
+            path: path.to_path_buf(),
+        })),
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Ok(Err(text.trim().to_string()))
+        }
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Who holds the lock at `path`, if anyone (the holder's text).
+pub fn holder(path: &Path) -> Option<String> {
+    match try_lock(path) {
+        Ok(Err(text)) => Some(text),
+        _ => None,
+    }
+}
+
+pub fn replica_lock_path(state_dir: &Path, replica: &Path) -> PathBuf {
+    let digest = Sha256::digest(std::os::unix::ffi::OsStrExt::as_bytes(replica.as_os_str()));
+    let id: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    state_dir.join("locks").join(format!("{id}.lock"))
+}
+
+/// Takes the replica lock or fails with exit code 4 naming the holder.
+pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held> {
+    let path = replica_lock_path(state_dir, replica);
+    match try_lock(&path).map_err(|e| Error::io("lock", &path, e))? {
+        Ok(mut held) => {
+            let text = format!("{who} replica {}\n", show(replica));
+            held.describe(&text)
+                .map_err(|e| Error::io("write lock file", &path, e))?;
+            Ok(held)
+        }
+        Err(text) => Err(Error::Busy(format!(
+            "replica '{}' is busy: another pass holds its lock ({})",
+            show(replica),
+            if text.is_empty() {
+                "holder unknown".to_string()
+            } else {
+                text
+            }
+        ))),
+    }
+}

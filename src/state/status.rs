@@ -1,0 +1,74 @@
+//! The job status file (`<name>.status.json`): what `syncer status` shows. Written
+//! atomically (temp file + rename) after every pass and when a daemon starts or stops.
+//! The JSON shape is documented in the README and kept stable.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Summary of one pass.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PassRecord {
+    /// Start time, RFC 3339 UTC.
+    pub started: String,
+    pub duration_ms: u64,
+    /// `ok`, `partial`, `refused`, `failed` or `interrupted`.
+    pub result: String,
+    pub created: u64,
+    pub updated: u64,
+    pub drifted: u64,
+    pub deleted: u64,
+    pub meta: u64,
+    pub links: u64,
+    pub dirs_created: u64,
+    pub bytes_copied: u64,
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    pub errors: u64,
+    pub skipped: u64,
+    /// Why the pass failed or was refused.
+    pub reason: Option<String>,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub name: String,
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub source: String,
+    pub replica: String,
+    pub interval_seconds: Option<u64>,
+    pub last_pass: Option<PassRecord>,
+    /// RFC 3339 UTC time of the next pass (daemon only).
+    pub next_pass: Option<String>,
+    /// The reason of the last refused pass, until a pass succeeds.
+    pub refused_reason: Option<String>,
+    pub updated: String,
+}
+
+pub fn path(state_dir: &Path, name: &str) -> PathBuf {
+    super::file(state_dir, name, "status.json")
+}
+
+pub fn read(state_dir: &Path, name: &str) -> Option<JobStatus> {
+    let text = fs::read_to_string(path(state_dir, name)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn write(state_dir: &Path, status: &JobStatus) -> std::io::Result<()> {
+    fs::create_dir_all(state_dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".status-")
+        .suffix(".tmp")
+        .tempfile_in(state_dir)?;
+    let text = serde_json::to_string_pretty(status).map_err(std::io::Error::other)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path(state_dir, &status.name))
+        .map_err(|e| e.error)?;
+    Ok(())
+}
