@@ -1,0 +1,13 @@
+//! Integration tests: the real `syncer` binary on real directories, real daemons and real
+//! signals. One test binary; one module per area. Shared helpers live in `common`.
+
+#[path = "cli/cache.rs"]
+mod cache;
+#[path = "cli/common.rs"]
+mod common;
+#[path = "cli/daemon.rs"]
+mod daemon;
+#[path = "cli/engine.rs"]
+mod engine;
+#[path = "cli/safety.rs"]
+mod safety;

@@ -1,0 +1,336 @@
+//! Shared test helpers: a seeded random tree generator that mixes every entry kind, an
+//! independent tree comparison (our own walk, plus `rsync -anic --delete`), byte-for-byte
+//! snapshots, and runners for the binary (as root or unprivileged).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_syncer"))
+}
+
+pub fn syncer() -> Command {
+    Command::new(bin())
+}
+
+/// A scratch area with a source, a replica and a state directory.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub src: PathBuf,
+    pub rep: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new().prefix("syncer-test-").tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        let rep = tmp.path().join("rep");
+        let state = tmp.path().join("state");
+        fs::create_dir(&src).expect("mkdir src");
+        Env { tmp, src, rep, state }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// `syncer monoshot --source S --replica R --state-dir T` plus `extra`.
+    pub fn monoshot_cmd(&self, extra: &[&str]) -> Command {
+        let mut c = syncer();
+        c.arg("monoshot")
+            .arg("--source")
+            .arg(&self.src)
+            .arg("--replica")
+            .arg(&self.rep)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(extra);
+        c
+    }
+
+    pub fn monoshot(&self, extra: &[&str]) -> Output {
+        self.monoshot_cmd(extra).output().expect("run syncer")
+    }
+
+    /// Runs a monoshot and asserts exit 0 and an exact replica.
+    pub fn mirror_ok(&self, extra: &[&str]) -> Output {
+        let out = self.monoshot(extra);
+        assert_eq!(code(&out), 0, "monoshot failed:\n{}", text(&out));
+        assert_trees_equal(&self.src, &self.rep);
+        out
+    }
+
+    pub fn schedule_log(&self) -> String {
+        fs::read_to_string(self.state.join("default.schedule.log")).unwrap_or_default()
+    }
+
+    pub fn io_log(&self) -> String {
+        fs::read_to_string(self.state.join("default.io.log")).unwrap_or_default()
+    }
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// A tiny deterministic PRNG (xorshift64*), so trees are reproducible from a seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+pub fn write(path: &Path, content: &[u8]) {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).expect("mkdir parent");
+    }
+    fs::write(path, content).expect("write file");
+}
+
+pub fn set_mtime(path: &Path, sec: i64, nsec: u32) {
+    let t = filetime::FileTime::from_unix_time(sec, nsec);
+    filetime::set_symlink_file_times(path, t, t).expect("set mtime");
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Generates a seeded tree under `root` mixing every kind syncer mirrors: nested and empty
+/// directories, files of varied sizes, exec and private modes, sub-second and very old
+/// mtimes, unicode and non-UTF-8 names, symlinks (relative, absolute, dangling, to a dir).
+pub fn gen_tree(root: &Path, seed: u64, files: usize) {
+    let mut rng = Rng::new(seed);
+    let mut dirs = vec![root.to_path_buf()];
+    for i in 0..files / 4 + 1 {
+        let parent = dirs[rng.below(dirs.len() as u64) as usize].clone();
+        let name = match i % 5 {
+            0 => format!("dir{i}"),
+            1 => format!("ünïcødé-{i}"),
+            2 => format!("deep{i}/a/b/c/d"),
+            _ => format!("d {i}"),
+        };
+        let d = parent.join(name);
+        fs::create_dir_all(&d).expect("mkdir");
+        dirs.push(d);
+    }
+    fs::create_dir_all(root.join("empty/also-empty")).expect("mkdir empty");
+    for i in 0..files {
+        let dir = dirs[rng.below(dirs.len() as u64) as usize].clone();
+        let name: OsString = match i % 7 {
+            0 => OsString::from_vec(format!("raw-\u{fffd}-{i}").into_bytes().into_iter().map(|b| if b == 0xbd { 0xff } else { b }).collect()),
+            1 => OsString::from(format!("файл-{i}.txt")),
+            _ => OsString::from(format!("f{i}.bin")),
+        };
+        let size = match rng.below(10) {
+            0 => 0,
+            1..=6 => rng.below(4096) as usize,
+            7 | 8 => rng.below(200_000) as usize,
+            _ => 1 << 20,
+        };
+        let p = dir.join(&name);
+        write(&p, &rng.bytes(size));
+        match rng.below(5) {
+            0 => chmod(&p, 0o755),
+            1 => chmod(&p, 0o600),
+            2 => chmod(&p, 0o640),
+            _ => {}
+        }
+        match rng.below(4) {
+            0 => set_mtime(&p, 86_400 * 365, 0),
+            1 => set_mtime(&p, 1_600_000_000 + rng.below(1000) as i64, rng.below(1_000_000_000) as u32),
+            _ => set_mtime(&p, 1_700_000_000, 123_456_789),
+        }
+    }
+    std::os::unix::fs::symlink("f1.bin", root.join("rel-link")).expect("symlink");
+    std::os::unix::fs::symlink("/etc/hostname", root.join("abs-link")).expect("symlink");
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling-link")).expect("symlink");
+    std::os::unix::fs::symlink("empty", root.join("dir-link")).expect("symlink");
+    let bad = OsString::from_vec(b"non-utf8-\xff\xfe-dir".to_vec());
+    fs::create_dir_all(root.join(&bad).join("inner")).expect("mkdir bad");
+    write(&root.join(&bad).join("inner").join(OsString::from_vec(b"x\x80y".to_vec())), b"bytes");
+    // Directories get their own modes and mtimes last.
+    for (i, d) in dirs.iter().enumerate().skip(1) {
+        if i % 3 == 0 {
+            chmod(d, 0o750);
+        }
+    }
+    for d in dirs.iter().rev() {
+        set_mtime(d, 1_650_000_000 + (seed as i64 % 1000), 987_654_321);
+    }
+}
+
+/// What one entry is, for comparison: kind, content hash, mode, mtime, link target, owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snap {
+    pub kind: &'static str,
+    pub hash: Option<[u8; 32]>,
+    pub mode: u32,
+    pub mtime: (i64, i64),
+    pub target: Option<PathBuf>,
+    pub owner: (u32, u32),
+}
+
+/// Every entry under `root` (relative path → snapshot), never following symlinks, leaving
+/// out syncer's temp files only if `skip_temps`.
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Snap> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).follow_links(false).min_depth(0) {
+        let e = e.expect("walk");
+        let rel = e.path().strip_prefix(root).expect("prefix").to_path_buf();
+        let m = fs::symlink_metadata(e.path()).expect("lstat");
+        let ft = m.file_type();
+        let (kind, hash, target) = if ft.is_symlink() {
+            ("link", None, Some(fs::read_link(e.path()).expect("readlink")))
+        } else if ft.is_dir() {
+            ("dir", None, None)
+        } else if ft.is_file() {
+            let data = fs::read(e.path()).expect("read");
+            ("file", Some(Sha256::digest(&data).into()), None)
+        } else {
+            ("special", None, None)
+        };
+        out.insert(
+            rel,
+            Snap {
+                kind,
+                hash,
+                mode: if kind == "link" { 0 } else { m.mode() & 0o7777 },
+                mtime: (m.mtime(), m.mtime_nsec()),
+                target,
+                owner: (m.uid(), m.gid()),
+            },
+        );
+    }
+    out
+}
+
+/// Asserts that `rep` mirrors `src` exactly (fifos, sockets and devices aside): same
+/// names, kinds, content, modes, mtimes (ns), link targets and owners; then asks rsync too.
+pub fn assert_trees_equal(src: &Path, rep: &Path) {
+    let mut a = snapshot(src);
+    a.retain(|_, s| s.kind != "special");
+    let b = snapshot(rep);
+    let mut diffs = Vec::new();
+    for (k, sa) in &a {
+        match b.get(k) {
+            None => diffs.push(format!("missing in replica: {}", k.display())),
+            Some(sb) if sa != sb => diffs.push(format!("differs: {}\n  src {sa:?}\n  rep {sb:?}", k.display())),
+            _ => {}
+        }
+    }
+    for k in b.keys() {
+        if !a.contains_key(k) {
+            diffs.push(format!("extra in replica: {}", k.display()));
+        }
+    }
+    assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
+    assert_rsync_agrees(src, rep);
+}
+
+/// `rsync -anic --delete S/ R/` must print nothing (specials excluded, as syncer skips them).
+pub fn assert_rsync_agrees(src: &Path, rep: &Path) {
+    let mut s = src.as_os_str().to_owned();
+    s.push("/");
+    let mut r = rep.as_os_str().to_owned();
+    r.push("/");
+    let out = Command::new("rsync")
+        .args(["-anic", "--delete", "--no-specials", "--no-devices"])
+        .arg(&s)
+        .arg(&r)
+        .output()
+        .expect("rsync is required by the tests (apt-get install rsync)");
+    assert!(out.status.success(), "rsync failed: {}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.trim().is_empty(), "rsync -anic sees differences:\n{listing}");
+}
+
+/// No syncer temp file anywhere under `root`.
+pub fn assert_no_temps(root: &Path) {
+    let temps: Vec<_> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().as_bytes();
+            n.starts_with(b".syncer-") && n.ends_with(b".tmp")
+        })
+        .map(|e| e.path().to_path_buf())
+        .collect();
+    assert!(temps.is_empty(), "temp files left: {temps:?}");
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Wraps a command to run as the unprivileged user `nobody` (tests run as root, and root
+/// ignores permissions). Every path it touches must be accessible to that user.
+pub fn unprivileged(cmd: &Command) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    if let Some(d) = cmd.get_current_dir() {
+        c.current_dir(d);
+    }
+    c
+}
+
+/// Hands `path` and everything below it to `nobody`.
+pub fn give_to_nobody(path: &Path) {
+    let st = Command::new("chown").args(["-R", "-h", "65534:65534"]).arg(path).status().expect("chown");
+    assert!(st.success());
+}
+
+pub fn os(bytes: &[u8]) -> OsString {
+    OsString::from_vec(bytes.to_vec())
+}
+
+pub fn name_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}

@@ -1,0 +1,4 @@
+//! Tests for this area (being written).
+
+#[allow(unused_imports)]
+use crate::common::*;
