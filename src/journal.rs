@@ -32,9 +32,14 @@ impl Sink {
         let file = open_append(&path);
         Sink { path, file }
     }
+    /// One `write` per line (an unbuffered `writeln!` would issue two): lines from
+    /// parallel workers never interleave, and a crash loses at most the line in flight.
     fn write(&mut self, line: &str) {
         if let Some(f) = &mut self.file {
-            let _ = writeln!(f, "{line}");
+            let mut buf = String::with_capacity(line.len() + 1);
+            buf.push_str(line);
+            buf.push('\n');
+            let _ = f.write_all(buf.as_bytes());
         }
     }
     fn reopen(&mut self) {
