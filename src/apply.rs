@@ -20,6 +20,9 @@ use crate::journal;
 use crate::model::{Hash, Kind, RelPath, Token};
 use crate::plan::{Action, Op, Plan, Reason};
 
+/// Files applied between two cache commits (each preceded by a `syncfs`).
+const CHUNK_ACTIONS: usize = 4096;
+
 pub struct Applier<'a> {
     pub source: &'a Path,
     pub replica: &'a Replica,
@@ -92,13 +95,20 @@ pub fn describe(action: &Action) -> (&'static str, String) {
         Op::Delete { .. } => ("DELETE", String::new()),
         Op::Mkdir => ("MKDIR", String::new()),
         Op::Copy { reason, size, .. } => (reason.word(), format!(" size={size}")),
-        Op::Link { target, .. } => ("LINK", format!(" -> {}", crate::model::show(target))),
+        Op::Link(l) => ("LINK", format!(" -> {}", crate::model::show(&l.target))),
         Op::Meta { .. } | Op::DirMeta { .. } => ("META", String::new()),
     }
 }
 
 impl Applier<'_> {
-    pub fn apply(&self, plan: &Plan) -> Applied {
+    /// Applies the plan. Files are applied in chunks of `CHUNK_ACTIONS`; after each chunk,
+    /// `commit` receives what it wrote (and drains it), so memory does not grow with the
+    /// number of files copied and the cache can record each chunk once it is durable.
+    pub fn apply(
+        &self,
+        plan: &Plan,
+        mut commit: impl FnMut(Vec<(RelPath, Written)>, Vec<(RelPath, Token)>),
+    ) -> Applied {
         let mut deletes = Vec::new();
         let mut mkdirs = Vec::new();
         let mut work = Vec::new();
@@ -111,17 +121,24 @@ impl Applier<'_> {
                 _ => work.push(a),
             }
         }
-        let run = |list: Vec<&Action>| {
-            list.into_par_iter()
+        let run = |list: &[&Action]| {
+            list.par_iter()
                 .map(|a| self.one(a))
                 .reduce(Applied::default, Applied::merge)
         };
-        let mut done = run(deletes);
+        let mut done = run(&deletes);
         mkdirs.sort_by(|a, b| a.rel.cmp(&b.rel));
         for a in mkdirs {
             done = done.merge(self.one(a));
         }
-        done = done.merge(run(work));
+        for chunk in work.chunks(CHUNK_ACTIONS) {
+            let mut part = run(chunk);
+            commit(
+                std::mem::take(&mut part.written),
+                std::mem::take(&mut part.fixed),
+            );
+            done = done.merge(part);
+        }
         dir_metas.sort_by_key(|a| std::cmp::Reverse(a.rel.depth()));
         for a in dir_metas {
             done = done.merge(self.one(a));
@@ -205,20 +222,16 @@ impl Applier<'_> {
                         );
                     }
                 }
-                out = self.copy(rel, *why, *known);
+                out = self.copy(rel, *why, known.as_deref().copied());
                 if let Some(bar) = &self.bar {
                     bar.inc(*size);
                 }
             }
-            Op::Link {
-                reason: why,
-                target,
-                meta,
-            } => match self.replica.install_link(rel, target, meta) {
+            Op::Link(l) => match self.replica.install_link(rel, &l.target, &l.meta) {
                 Ok(()) => {
                     journal::action(word, rel, format_args!("{detail}"));
                     out.links += 1;
-                    if *why == Reason::Create {
+                    if l.reason == Reason::Create {
                         out.created += 1;
                     }
                 }

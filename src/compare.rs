@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use crate::error::reason;
 use crate::fsops::hash_file;
 use crate::model::{Hash, Kind, Meta, RelPath, Token};
-use crate::plan::Reason;
+use crate::plan::{Problem, Reason};
 use crate::scan::Ctx;
 use crate::state::cache::CachedFile;
 
@@ -24,7 +24,7 @@ pub enum FileVerdict {
     /// Nothing to do.
     Same(CachedFile),
     /// A side could not be read; nothing is changed for this entry.
-    Error(String),
+    Error(Problem),
 }
 
 /// True when mode, owner (when mirrored) or mtime differ. Symlink modes are not compared.
@@ -61,24 +61,14 @@ pub fn files(
         Some(c) => (c.hash, c.src),
         None => match hash_file(&rel.under(ctx.source), ctx.counters) {
             Ok(v) => v,
-            Err(e) => {
-                return FileVerdict::Error(format!(
-                    "could not read source file '{rel}': {}",
-                    reason(&e)
-                ))
-            }
+            Err(e) => return FileVerdict::Error(read_problem(rel, "source", &e)),
         },
     };
     let (rep_hash, rep_token) = match rep_hit {
         Some(c) => (c.hash, c.rep),
         None => match ctx.replica.hash(rel, ctx.counters) {
             Ok(v) => v,
-            Err(e) => {
-                return FileVerdict::Error(format!(
-                    "could not read replica file '{rel}': {}",
-                    reason(&e)
-                ))
-            }
+            Err(e) => return FileVerdict::Error(read_problem(rel, "replica", &e)),
         },
     };
     if src_hash != rep_hash {
@@ -98,5 +88,20 @@ pub fn files(
         FileVerdict::Meta(entry)
     } else {
         FileVerdict::Same(entry)
+    }
+}
+
+fn read_problem(rel: &RelPath, side: &str, e: &std::io::Error) -> Problem {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Problem {
+            rel: rel.clone(),
+            message: format!("vanished from the {side} during the scan; the next pass takes it"),
+            vanished: true,
+        }
+    } else {
+        Problem::error(
+            rel,
+            format!("could not read {side} file '{rel}': {}", reason(e)),
+        )
     }
 }

@@ -11,15 +11,22 @@ use std::path::{Path, PathBuf};
 
 /// A path relative to a tree root (the empty path is the root itself). Kept as raw bytes
 /// (`PathBuf`), never converted lossily to UTF-8.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct RelPath(PathBuf);
+/// A boxed path (16 bytes, not `PathBuf`'s 24): a plan holds one per change.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelPath(Box<Path>);
+
+impl Default for RelPath {
+    fn default() -> Self {
+        RelPath::root()
+    }
+}
 
 impl RelPath {
     pub fn root() -> Self {
-        RelPath(PathBuf::new())
+        RelPath(PathBuf::new().into_boxed_path())
     }
     pub fn join(&self, name: &OsStr) -> Self {
-        RelPath(self.0.join(name))
+        RelPath(self.0.join(name).into_boxed_path())
     }
     pub fn as_path(&self) -> &Path {
         &self.0
@@ -31,7 +38,7 @@ impl RelPath {
         self.0.as_os_str().as_bytes()
     }
     pub fn from_bytes(bytes: &[u8]) -> Self {
-        RelPath(PathBuf::from(OsStr::from_bytes(bytes)))
+        RelPath(PathBuf::from(OsStr::from_bytes(bytes)).into_boxed_path())
     }
     /// Number of components; the root has depth 0.
     pub fn depth(&self) -> usize {
@@ -42,7 +49,11 @@ impl RelPath {
             None
         } else {
             Some(RelPath(
-                self.0.parent().map(Path::to_path_buf).unwrap_or_default(),
+                self.0
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default()
+                    .into_boxed_path(),
             ))
         }
     }

@@ -2,22 +2,22 @@
 //! `PassRecord` and the exit code; never panics on bad input and never exits the process.
 //! Shared by `monoshot` and the daemon loop.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::apply::{describe, Applier};
+use crate::apply::{describe, Applier, Written};
 use crate::cancel;
 use crate::config::Config;
 use crate::error::{reason, ExitCode};
 use crate::fsops::{HashCounters, Replica};
 use crate::journal;
-use crate::model::{show, Meta, RelPath};
+use crate::model::{show, Meta, RelPath, Token};
 use crate::plan::{Op, Plan};
 use crate::scan::{self, Ctx};
-use crate::state::cache::{Cache, CachedFile, DirRecord};
+use crate::state::cache::{Cache, CachedFile, DirChange};
 use crate::state::status::PassRecord;
 
 /// A source token whose ctime is within this window before the scan started is racy.
@@ -110,14 +110,19 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
         dry_run: cfg.dry_run,
         racy_after_ns: started_ns - RACY_WINDOW_NS,
     };
-    let plan = scan::scan(&ctx, &src_root, rep_root.as_ref());
+    let mut plan = scan::scan(&ctx, &src_root, rep_root.as_ref());
     drop(snapshot);
     record.hashed_files = counters.files.load(std::sync::atomic::Ordering::Relaxed);
     record.hashed_bytes = counters.bytes.load(std::sync::atomic::Ordering::Relaxed);
     for p in &plan.problems {
-        journal::entry_error(&p.rel, &p.message);
+        if p.vanished {
+            journal::entry_skip(&p.rel, &p.message);
+            record.skipped += 1;
+        } else {
+            journal::entry_error(&p.rel, &p.message);
+            record.errors += 1;
+        }
     }
-    record.errors = plan.problems.len() as u64;
     if cancel::requested() {
         return end(finish(
             record,
@@ -165,7 +170,30 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
         backup: cfg.backup_dir.as_ref().map(|d| d.join(&pass_stamp)),
         bar: bar.clone(),
     };
-    let done = applier.apply(&plan);
+    // 7. Commit, chunk by chunk: data durable first (syncfs), then the cache may vouch for it.
+    let racy_after_ns = started_ns - RACY_WINDOW_NS;
+    let mut drafts: HashMap<RelPath, Vec<CachedFile>> = std::mem::take(&mut plan.drafts)
+        .into_iter()
+        .map(|d| (d.dir, d.files))
+        .collect();
+    let mut sync_error: Option<String> = None;
+    let done = applier.apply(&plan, |written, fixed| {
+        if sync_error.is_some() || (written.is_empty() && fixed.is_empty()) {
+            return;
+        }
+        if let Err(e) = replica.sync() {
+            sync_error = Some(format!(
+                "could not flush the replica '{}' to disk: {}",
+                show(&cfg.replica),
+                reason(&e)
+            ));
+            return;
+        }
+        if let Err(e) = cache.record_chunk(group_by_dir(written, fixed, racy_after_ns), &mut drafts)
+        {
+            log::warn!("could not update the hash cache: {e}; the next pass hashes again");
+        }
+    });
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -179,7 +207,7 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
     record.dirs_created = done.dirs_created;
     record.bytes_copied = done.bytes;
     record.errors += done.errors;
-    record.skipped = done.skipped;
+    record.skipped += done.skipped;
     if cancel::requested() {
         return end(finish(
             record,
@@ -189,8 +217,20 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
             Some("interrupted".into()),
         ));
     }
-
-    // 7. Commit: data durable first, then the cache may vouch for it.
+    if sync_error.is_none() && !plan.is_empty() {
+        if let Err(e) = replica.sync() {
+            sync_error = Some(format!(
+                "could not flush the replica '{}' to disk: {}",
+                show(&cfg.replica),
+                reason(&e)
+            ));
+        }
+    }
+    if let Some(msg) = sync_error {
+        log::error!("{msg}");
+        record.errors += 1;
+        return end(finish(record, t0, "partial", ExitCode::Partial, Some(msg)));
+    }
     let clean = record.errors == 0 && record.skipped == 0;
     let (result, exit) = if clean {
         ("ok", ExitCode::Ok)
@@ -198,28 +238,9 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
         ("partial", ExitCode::Partial)
     };
     let mut outcome = finish(record, t0, result, exit, None);
-    if !plan.is_empty() {
-        if let Err(e) = replica.sync() {
-            let msg = format!(
-                "could not flush the replica '{}' to disk: {}",
-                show(&cfg.replica),
-                reason(&e)
-            );
-            log::error!("{msg}");
-            outcome.record.errors += 1;
-            return end(finish(
-                outcome.record,
-                t0,
-                "partial",
-                ExitCode::Partial,
-                Some(msg),
-            ));
-        }
-    }
-    let records = cache_records(plan, done.written, done.fixed, started_ns - RACY_WINDOW_NS);
     let key = started_ns as u64 / 1_000_000;
     let json = serde_json::to_string(&outcome.record).unwrap_or_default();
-    if let Err(e) = cache.commit(records, &done.dropped, key, &json) {
+    if let Err(e) = cache.finish(drafts, &done.dropped, key, &json) {
         log::warn!("could not update the hash cache: {e}; the next pass hashes again");
     }
     outcome.record.duration_ms = t0.elapsed().as_millis() as u64;
@@ -270,24 +291,19 @@ fn progress_bar(plan: &Plan) -> ProgressBar {
     bar
 }
 
-/// Builds the directory records to store: each draft (files the scan vouched for) plus the
-/// files this pass wrote, with the replica tokens changed by metadata fixes.
-fn cache_records(
-    plan: Plan,
-    written: Vec<(RelPath, crate::apply::Written)>,
-    fixed: Vec<(RelPath, crate::model::Token)>,
+/// Groups one chunk's written files and metadata fixes by directory, as cache entries.
+fn group_by_dir(
+    written: Vec<(RelPath, Written)>,
+    fixed: Vec<(RelPath, Token)>,
     racy_after_ns: i64,
-) -> Vec<(RelPath, DirRecord)> {
+) -> BTreeMap<RelPath, DirChange> {
     use std::os::unix::ffi::OsStrExt;
-    let mut dirs: HashMap<RelPath, Vec<CachedFile>> =
-        plan.drafts.into_iter().map(|d| (d.dir, d.files)).collect();
+    let mut out: BTreeMap<RelPath, DirChange> = BTreeMap::new();
     for (rel, w) in written {
         let (Some(dir), Some(name)) = (rel.parent(), rel.file_name()) else {
             continue;
         };
-        let files = dirs.entry(dir).or_default();
-        files.retain(|f| f.name != name.as_bytes());
-        files.push(CachedFile {
+        out.entry(dir).or_default().written.push(CachedFile {
             name: name.as_bytes().to_vec(),
             src: w.src,
             rep: w.rep,
@@ -299,20 +315,10 @@ fn cache_records(
         let (Some(dir), Some(name)) = (rel.parent(), rel.file_name()) else {
             continue;
         };
-        if let Some(f) = dirs
-            .get_mut(&dir)
-            .and_then(|fs| fs.iter_mut().find(|f| f.name == name.as_bytes()))
-        {
-            f.rep = token;
-        }
+        out.entry(dir)
+            .or_default()
+            .fixed
+            .push((name.as_bytes().to_vec(), token));
     }
-    let mut out: Vec<(RelPath, DirRecord)> = dirs
-        .into_iter()
-        .map(|(dir, mut files)| {
-            files.sort_by(|a, b| a.name.cmp(&b.name));
-            (dir, DirRecord { files })
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }

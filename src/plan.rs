@@ -39,20 +39,24 @@ pub enum Op {
     Copy {
         reason: Reason,
         size: u64,
-        known: Option<(Token, Hash)>,
+        known: Option<Box<(Token, Hash)>>,
         /// A replica file exists at this path and is overwritten (backed up first).
         overwrites: bool,
     },
     /// Create or retarget a symlink.
-    Link {
-        reason: Reason,
-        target: PathBuf,
-        meta: Box<Meta>,
-    },
+    Link(Box<LinkSpec>),
     /// Fix mode, owner and times of a file or symlink whose content is already equal.
     Meta { meta: Box<Meta> },
     /// Set a directory's mode, owner and times, after everything below it.
     DirMeta { meta: Box<Meta> },
+}
+
+/// A symlink to create: boxed in `Op` because links are rare and `Op` is held per change.
+#[derive(Clone, Debug)]
+pub struct LinkSpec {
+    pub reason: Reason,
+    pub target: PathBuf,
+    pub meta: Meta,
 }
 
 #[derive(Clone, Debug)]
@@ -74,6 +78,19 @@ pub struct Draft {
 pub struct Problem {
     pub rel: RelPath,
     pub message: String,
+    /// The entry vanished while it was looked at: a `SKIP` (the next pass takes it), not
+    /// an `ERROR`.
+    pub vanished: bool,
+}
+
+impl Problem {
+    pub fn error(rel: &RelPath, message: String) -> Problem {
+        Problem {
+            rel: rel.clone(),
+            message,
+            vanished: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]

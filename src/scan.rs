@@ -20,7 +20,7 @@ use crate::config::Excludes;
 use crate::error::reason;
 use crate::fsops::{is_temp, list_dir, HashCounters, Replica};
 use crate::model::{Entry, Kind, Meta, RelPath};
-use crate::plan::{Action, Draft, Op, Plan, Problem, Reason};
+use crate::plan::{Action, Draft, LinkSpec, Op, Plan, Problem, Reason};
 use crate::state::cache::{CachedFile, DirRecord, Snapshot};
 
 /// Everything a scan reads; shared by all scan threads.
@@ -67,13 +67,10 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
         Some(_) => match list_dir(&rel.under(ctx.source)) {
             Ok(v) => v,
             Err(e) => {
-                plan.problems.push(Problem {
-                    rel: rel.clone(),
-                    message: format!(
+                plan.problems.push(Problem::error(rel, format!(
                         "could not read source directory '{rel}': {}; nothing below its replica twin is deleted",
                         reason(&e)
-                    ),
-                });
+                    )));
                 return plan;
             }
         },
@@ -83,10 +80,10 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
         Some(_) => match ctx.replica.list(rel) {
             Ok(v) => v,
             Err(e) => {
-                plan.problems.push(Problem {
-                    rel: rel.clone(),
-                    message: format!("could not read replica directory '{rel}': {}", reason(&e)),
-                });
+                plan.problems.push(Problem::error(
+                    rel,
+                    format!("could not read replica directory '{rel}': {}", reason(&e)),
+                ));
                 return plan;
             }
         },
@@ -235,7 +232,7 @@ fn decide(
                                     op: Op::Copy {
                                         reason,
                                         size: s.meta.size,
-                                        known,
+                                        known: known.map(Box::new),
                                         overwrites: true,
                                     },
                                 });
@@ -252,9 +249,7 @@ fn decide(
                                 });
                             }
                             FileVerdict::Same(entry) => c.cached = Some(entry),
-                            FileVerdict::Error(message) => {
-                                c.plan.problems.push(Problem { rel, message })
-                            }
+                            FileVerdict::Error(problem) => c.plan.problems.push(problem),
                         }
                     }
                     Kind::Special => unreachable!("handled above"),
@@ -294,17 +289,17 @@ fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
                 c.plan.creates += 1;
                 c.plan.actions.push(Action {
                     rel: rel.clone(),
-                    op: Op::Link {
+                    op: Op::Link(Box::new(LinkSpec {
                         reason: Reason::Create,
                         target,
-                        meta: Box::new(*meta),
-                    },
+                        meta: *meta,
+                    })),
                 });
             }
-            Err(e) => c.plan.problems.push(Problem {
-                rel: rel.clone(),
-                message: format!("could not read source symlink '{rel}': {}", reason(&e)),
-            }),
+            Err(e) => c.plan.problems.push(Problem::error(
+                rel,
+                format!("could not read source symlink '{rel}': {}", reason(&e)),
+            )),
         },
         Kind::Dir => {
             c.changed = true;
@@ -381,10 +376,10 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
     let target = match std::fs::read_link(rel.under(ctx.source)) {
         Ok(t) => t,
         Err(e) => {
-            c.plan.problems.push(Problem {
-                rel: rel.clone(),
-                message: format!("could not read source symlink '{rel}': {}", reason(&e)),
-            });
+            c.plan.problems.push(Problem::error(
+                rel,
+                format!("could not read source symlink '{rel}': {}", reason(&e)),
+            ));
             return;
         }
     };
@@ -393,11 +388,11 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
         c.changed = true;
         c.plan.actions.push(Action {
             rel: rel.clone(),
-            op: Op::Link {
+            op: Op::Link(Box::new(LinkSpec {
                 reason: Reason::Update,
                 target,
-                meta: Box::new(*src),
-            },
+                meta: *src,
+            })),
         });
     } else if meta_differs(src, rep, ctx.replica.chown) {
         c.plan.actions.push(Action {

@@ -12,6 +12,7 @@
 //! cleared, not trusted) and one summary per pass. It is written only after the pass's data
 //! is durable. A database that cannot be opened is replaced, with a warning, by a new one.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
@@ -201,11 +202,48 @@ impl Cache {
         Snapshot { table }
     }
 
-    /// Writes the new directory records, drops the records of deleted trees and stores the
-    /// pass summary, in one durable transaction.
-    pub fn commit(
+    /// Records files written or fixed by one applied chunk (call only once they are
+    /// durable). A directory's record starts from its scan draft the first time this pass
+    /// touches it (the draft is consumed), from the stored record afterwards.
+    pub fn record_chunk(
         &self,
-        records: Vec<(RelPath, DirRecord)>,
+        changes: BTreeMap<RelPath, DirChange>,
+        drafts: &mut HashMap<RelPath, Vec<CachedFile>>,
+    ) -> Result<(), String> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
+            for (dir, change) in changes {
+                let mut files = match drafts.remove(&dir) {
+                    Some(f) => f,
+                    None => dirs
+                        .get(dir.as_bytes())
+                        .map_err(db_err)?
+                        .and_then(|g| bincode::deserialize::<DirRecord>(g.value()).ok())
+                        .map(|r| r.files)
+                        .unwrap_or_default(),
+                };
+                for w in change.written {
+                    files.retain(|f| f.name != w.name);
+                    files.push(w);
+                }
+                for (name, token) in change.fixed {
+                    if let Some(f) = files.iter_mut().find(|f| f.name == name) {
+                        f.rep = token;
+                    }
+                }
+                put(&mut dirs, &dir, files)?;
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Ends a pass: writes the remaining drafts, drops the records of deleted trees and
+    /// stores the pass summary, in one durable transaction.
+    pub fn finish(
+        &self,
+        drafts: HashMap<RelPath, Vec<CachedFile>>,
         dropped_trees: &[RelPath],
         pass_key: u64,
         pass_json: &str,
@@ -219,7 +257,7 @@ impl Cache {
                 dirs.remove(key.as_slice()).map_err(db_err)?;
                 let (lo, hi) = child_range(&key);
                 let doomed: Vec<Vec<u8>> = dirs
-                    .range::<&[u8]>((lo.as_slice()..hi.as_slice()).clone())
+                    .range::<&[u8]>(lo.as_slice()..hi.as_slice())
                     .map_err(db_err)?
                     .filter_map(|e| e.ok().map(|(k, _)| k.value().to_vec()))
                     .collect();
@@ -227,14 +265,8 @@ impl Cache {
                     dirs.remove(k.as_slice()).map_err(db_err)?;
                 }
             }
-            for (dir, record) in records {
-                if record.files.is_empty() {
-                    dirs.remove(dir.as_bytes()).map_err(db_err)?;
-                } else {
-                    let bytes = bincode::serialize(&record).map_err(db_err)?;
-                    dirs.insert(dir.as_bytes(), bytes.as_slice())
-                        .map_err(db_err)?;
-                }
+            for (dir, files) in drafts {
+                put(&mut dirs, &dir, files)?;
             }
             let mut passes = txn.open_table(PASSES).map_err(db_err)?;
             passes.insert(pass_key, pass_json).map_err(db_err)?;
@@ -251,6 +283,30 @@ impl Cache {
         }
         txn.commit().map_err(db_err)
     }
+}
+
+/// What one applied chunk changed in one directory.
+#[derive(Default)]
+pub struct DirChange {
+    pub written: Vec<CachedFile>,
+    /// (name, new replica token) of files whose metadata was fixed.
+    pub fixed: Vec<(Vec<u8>, Token)>,
+}
+
+fn put(
+    dirs: &mut redb::Table<&[u8], &[u8]>,
+    dir: &RelPath,
+    mut files: Vec<CachedFile>,
+) -> Result<(), String> {
+    if files.is_empty() {
+        dirs.remove(dir.as_bytes()).map_err(db_err)?;
+        return Ok(());
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    let bytes = bincode::serialize(&DirRecord { files }).map_err(db_err)?;
+    dirs.insert(dir.as_bytes(), bytes.as_slice())
+        .map_err(db_err)?;
+    Ok(())
 }
 
 enum OpenError {

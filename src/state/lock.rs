@@ -61,10 +61,17 @@ pub fn try_lock(path: &Path) -> std::io::Result<std::result::Result<Held, String
     }
 }
 
-/// Who holds the lock at `path`, if anyone (the holder's text).
+/// Who holds the lock at `path`, if anyone (the holder's text). Only looks: never creates
+/// the file (or its directory), so polling a PID file its daemon just removed cannot leave
+/// an empty one behind.
 pub fn holder(path: &Path) -> Option<String> {
-    match try_lock(path) {
-        Ok(Err(text)) => Some(text),
+    let mut file = OpenOptions::new().read(true).open(path).ok()?;
+    match file.try_lock() {
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Some(text.trim().to_string())
+        }
         _ => None,
     }
 }
