@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::cancel;
 use crate::error::reason;
-use crate::fsops::{CopyError, Replica};
+use crate::fsops::{Copied, CopyError, Hint, Replica};
 use crate::journal;
 use crate::model::{Hash, Kind, RelPath, Token};
 use crate::plan::{Action, Op, Plan, Reason};
@@ -200,7 +200,7 @@ impl Applier<'_> {
             },
             Op::Copy {
                 reason: why,
-                known,
+                hint,
                 overwrites,
                 size,
             } => {
@@ -222,7 +222,7 @@ impl Applier<'_> {
                         );
                     }
                 }
-                out = self.copy(rel, *why, known.as_deref().copied());
+                out = self.copy(rel, *why, hint.as_deref().copied());
                 if let Some(bar) = &self.bar {
                     bar.inc(*size);
                 }
@@ -272,12 +272,41 @@ impl Applier<'_> {
         out
     }
 
+    /// The copy found the content equal to the replica's: fix metadata only.
+    fn unchanged(&self, rel: &RelPath, c: Copied) -> Applied {
+        match self.replica.fix_meta(rel, &c.meta) {
+            Ok(rep) => {
+                journal::action("META", rel, format_args!(""));
+                Applied {
+                    meta: 1,
+                    written: vec![(
+                        rel.clone(),
+                        Written {
+                            src: c.src,
+                            rep,
+                            hash: c.hash,
+                        },
+                    )],
+                    ..Applied::default()
+                }
+            }
+            Err(e) => Applied::error(
+                rel,
+                format!(
+                    "could not set metadata of '{rel}' in the replica: {}",
+                    reason(&e)
+                ),
+            ),
+        }
+    }
+
     /// Copies one file, retrying once if the source changes during the copy.
-    fn copy(&self, rel: &RelPath, why: Reason, known: Option<(Token, Hash)>) -> Applied {
+    fn copy(&self, rel: &RelPath, why: Reason, hint: Option<Hint>) -> Applied {
         let src = rel.under(self.source);
-        let mut known = known;
+        let mut hint = hint;
         for _ in 0..2 {
-            match self.replica.install_file(rel, &src, known) {
+            match self.replica.install_file(rel, &src, hint) {
+                Ok(c) if c.unchanged => return self.unchanged(rel, c),
                 Ok(c) => {
                     journal::action(
                         why.word(),
@@ -303,7 +332,8 @@ impl Applier<'_> {
                     ));
                     return out;
                 }
-                Err(CopyError::Changed) => known = None,
+                // A changed source invalidates a known hash, not the replica's.
+                Err(CopyError::Changed) => hint = hint.filter(|h| matches!(h, Hint::Unless(_))),
                 Err(CopyError::Source(e)) if e.kind() == io::ErrorKind::NotFound => {
                     journal::entry_skip(rel, "vanished from the source before it could be copied");
                     return Applied {

@@ -6,8 +6,8 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use crate::error::reason;
-use crate::fsops::hash_file;
-use crate::model::{Hash, Kind, Meta, RelPath, Token};
+use crate::fsops::{hash_file, Hint, PIPELINE_MIN};
+use crate::model::{Kind, Meta, RelPath};
 use crate::plan::{Problem, Reason};
 use crate::scan::Ctx;
 use crate::state::cache::CachedFile;
@@ -15,10 +15,7 @@ use crate::state::cache::CachedFile;
 /// What to do with a regular file present on both sides.
 pub enum FileVerdict {
     /// Content differs: copy (with the source's hash when this pass computed it).
-    Copy {
-        reason: Reason,
-        known: Option<(Token, Hash)>,
-    },
+    Copy { reason: Reason, hint: Option<Hint> },
     /// Content equal, metadata differs: fix metadata only.
     Meta(CachedFile),
     /// Nothing to do.
@@ -52,11 +49,22 @@ pub fn files(
     if src.size != rep.size {
         return FileVerdict::Copy {
             reason: changed,
-            known: None,
+            hint: None,
         };
     }
     let src_hit = cached.filter(|c| !ctx.checksum && !c.src_racy && c.src == src.token);
     let rep_hit = cached.filter(|c| !ctx.checksum && c.rep == rep.token);
+    // A large file whose source changed while the replica is known: copy it right away,
+    // hashing as it is copied, instead of reading it once to hash and again to copy. If
+    // the content turns out unchanged, the copy is dropped and only metadata is fixed.
+    if let (None, Some(c)) = (src_hit, rep_hit) {
+        if src.size >= PIPELINE_MIN {
+            return FileVerdict::Copy {
+                reason: changed,
+                hint: Some(Hint::Unless(c.hash)),
+            };
+        }
+    }
     let (src_hash, src_token) = match src_hit {
         Some(c) => (c.hash, c.src),
         None => match hash_file(&rel.under(ctx.source), ctx.counters) {
@@ -74,7 +82,7 @@ pub fn files(
     if src_hash != rep_hash {
         return FileVerdict::Copy {
             reason: changed,
-            known: Some((src_token, src_hash)),
+            hint: Some(Hint::Known(src_token, src_hash)),
         };
     }
     let entry = CachedFile {

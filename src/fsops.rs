@@ -113,6 +113,23 @@ fn file_time(stamp: Stamp) -> filetime::FileTime {
     filetime::FileTime::from_unix_time(stamp.sec, stamp.nsec as u32)
 }
 
+/// Files at least this large are copied with hashing on a second thread (read and write on
+/// one, sha256 on the other): sha256 alone runs at ~1.6 GB/s per core, about as fast as the
+/// copy itself, so overlapping them nearly halves the time of a large file.
+pub const PIPELINE_MIN: u64 = 8 << 20;
+
+/// What this pass already knows about a file it is about to copy.
+#[derive(Clone, Copy, Debug)]
+pub enum Hint {
+    /// The source's token and hash, hashed by this pass: if the token still matches, the
+    /// content is copied in the kernel (`copy_file_range`) without hashing it again.
+    Known(Token, Hash),
+    /// The replica already holds content with this hash (a large file whose source token
+    /// changed): the copy hashes the source as it goes, and if the hash turns out equal the
+    /// temp file is dropped, because only metadata changed.
+    Unless(Hash),
+}
+
 /// The result of installing one file into the replica.
 #[derive(Clone, Copy, Debug)]
 pub struct Copied {
@@ -124,6 +141,8 @@ pub struct Copied {
     pub bytes: u64,
     /// The source's metadata at the copy (what was applied to the replica file).
     pub meta: Meta,
+    /// `Hint::Unless` matched: nothing was installed, the replica's content is already equal.
+    pub unchanged: bool,
 }
 
 #[derive(Debug)]
@@ -188,14 +207,12 @@ impl Replica {
         fs::DirBuilder::new().mode(0o700).create(self.abs(rel))
     }
 
-    /// Copies `src` to `rel` atomically; see the module documentation. `known` is the
-    /// source's token and hash when this pass already hashed it: if the token still matches,
-    /// the content is copied in the kernel (`copy_file_range`) without hashing it again.
+    /// Copies `src` to `rel` atomically; see the module documentation and [`Hint`].
     pub fn install_file(
         &self,
         rel: &RelPath,
         src: &Path,
-        known: Option<(Token, Hash)>,
+        hint: Option<Hint>,
     ) -> Result<Copied, CopyError> {
         let mut input = open_nofollow(src).map_err(CopyError::Source)?;
         let m1 = input.metadata().map_err(CopyError::Source)?;
@@ -213,13 +230,29 @@ impl Replica {
             .rand_bytes(10)
             .tempfile_in(dir)
             .map_err(CopyError::Replica)?;
-        let (hash, bytes) = match known {
-            Some((token, hash)) if token == meta.token => {
+        let (hash, bytes) = match hint {
+            Some(Hint::Known(token, hash)) if token == meta.token => {
                 let n = io::copy(&mut input, tmp.as_file_mut()).map_err(classify)?;
                 (hash, n)
             }
-            _ => copy_hashing(&mut input, tmp.as_file_mut())?,
+            _ => copy_hashing(&mut input, tmp.as_file_mut(), meta.size)?,
         };
+        if let Some(Hint::Unless(old)) = hint {
+            if old == hash && bytes == meta.size {
+                let m2 = input.metadata().map_err(CopyError::Source)?;
+                if Token::of(&m2) != meta.token {
+                    return Err(CopyError::Changed);
+                }
+                return Ok(Copied {
+                    src: meta.token,
+                    rep: Token::default(),
+                    hash,
+                    bytes: 0,
+                    meta,
+                    unchanged: true,
+                });
+            }
+        }
         if bytes != meta.size {
             return Err(CopyError::Changed);
         }
@@ -250,6 +283,7 @@ impl Replica {
             hash,
             bytes,
             meta,
+            unchanged: false,
         })
     }
 
@@ -329,7 +363,10 @@ fn classify(e: io::Error) -> CopyError {
     CopyError::Replica(e)
 }
 
-fn copy_hashing(input: &mut File, out: &mut File) -> Result<(Hash, u64), CopyError> {
+fn copy_hashing(input: &mut File, out: &mut File, size: u64) -> Result<(Hash, u64), CopyError> {
+    if size >= PIPELINE_MIN {
+        return copy_hashing_pipelined(input, out);
+    }
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     BUF.with(|buf| -> Result<(), CopyError> {
@@ -353,6 +390,62 @@ fn copy_hashing(input: &mut File, out: &mut File) -> Result<(Hash, u64), CopyErr
         }
     })?;
     Ok((Hash(hasher.finalize().into()), total))
+}
+
+/// `copy_hashing` for large files: this thread reads and writes, a scoped thread hashes the
+/// same buffers; buffers cycle between the two through channels (4 MiB in flight at most).
+fn copy_hashing_pipelined(input: &mut File, out: &mut File) -> Result<(Hash, u64), CopyError> {
+    use std::sync::mpsc;
+    let (to_hasher, hasher_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(4);
+    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..4 {
+        back_tx.send(vec![0u8; CHUNK]).expect("receiver alive");
+    }
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut h = Sha256::new();
+            for (buf, n) in hasher_rx {
+                h.update(&buf[..n]);
+                let _ = back_tx.send(buf);
+            }
+            h.finalize()
+        });
+        let mut total = 0u64;
+        let copied = loop {
+            if cancel::requested() {
+                break Err(CopyError::Replica(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "interrupted",
+                )));
+            }
+            let Ok(mut buf) = back_rx.recv() else {
+                break Err(CopyError::Replica(io::Error::other(
+                    "hashing thread stopped",
+                )));
+            };
+            let n = match input.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    let _ = to_hasher.send((buf, 0));
+                    continue;
+                }
+                Err(e) => break Err(CopyError::Source(e)),
+            };
+            if let Err(e) = out.write_all(&buf[..n]) {
+                break Err(CopyError::Replica(e));
+            }
+            total += n as u64;
+            if to_hasher.send((buf, n)).is_err() {
+                break Err(CopyError::Replica(io::Error::other(
+                    "hashing thread stopped",
+                )));
+            }
+        };
+        drop(to_hasher);
+        let digest = hasher.join().expect("the hashing thread does not panic");
+        copied.map(|()| (Hash(digest.into()), total))
+    })
 }
 
 /// Recursive copy preserving links, used only for a backup across filesystems.

@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use crate::model::{Hash, Kind, Meta, RelPath, Token};
+use crate::fsops::Hint;
+use crate::model::{Kind, Meta, RelPath};
 use crate::state::cache::CachedFile;
 
 /// Why a file is copied; also the word written to the file-I/O log.
@@ -34,12 +35,12 @@ pub enum Op {
     Delete { kind: Kind, entries: u64 },
     /// Create a directory (private until its `DirMeta` runs).
     Mkdir,
-    /// Copy a source file over. `known` is the source's token and hash when this pass
-    /// already hashed it; `size` is the scanned size (for progress).
+    /// Copy a source file over. `hint` is what this pass already knows of its content
+    /// (see `fsops::Hint`); `size` is the scanned size (for progress).
     Copy {
         reason: Reason,
         size: u64,
-        known: Option<Box<(Token, Hash)>>,
+        hint: Option<Box<Hint>>,
         /// A replica file exists at this path and is overwritten (backed up first).
         overwrites: bool,
     },

@@ -224,7 +224,7 @@ fn decide(
                     Kind::File => {
                         let cached = record.find(name.as_bytes());
                         match compare::files(ctx, &rel, &name, &s.meta, &r.meta, cached) {
-                            FileVerdict::Copy { reason, known } => {
+                            FileVerdict::Copy { reason, hint } => {
                                 c.changed = true;
                                 c.copies = true;
                                 c.plan.actions.push(Action {
@@ -232,7 +232,7 @@ fn decide(
                                     op: Op::Copy {
                                         reason,
                                         size: s.meta.size,
-                                        known: known.map(Box::new),
+                                        hint: hint.map(Box::new),
                                         overwrites: true,
                                     },
                                 });
@@ -278,7 +278,7 @@ fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
                 op: Op::Copy {
                     reason: Reason::Create,
                     size: meta.size,
-                    known: None,
+                    hint: None,
                     overwrites: false,
                 },
             });

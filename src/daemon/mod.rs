@@ -156,6 +156,11 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     st.updated = journal::now_rfc3339();
     let _ = status::write(&cfg.state_dir, &st);
     journal::schedule(format_args!("DAEMON STOP pid {pid}"));
+    // Release the cache and the replica lock BEFORE the PID file: `syncer stop` returns as
+    // soon as the PID file is free, and a monoshot started right after must not find the
+    // replica still locked (exit 4) or the cache still open.
+    drop(cache);
+    drop(_replica_lock);
     let _ = fs::remove_file(&pid_path);
     drop(pidfile);
     ExitCode::Ok

@@ -32,12 +32,20 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        let tmp = tempfile::Builder::new().prefix("syncer-test-").tempdir().expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("syncer-test-")
+            .tempdir()
+            .expect("tempdir");
         let src = tmp.path().join("src");
         let rep = tmp.path().join("rep");
         let state = tmp.path().join("state");
         fs::create_dir(&src).expect("mkdir src");
-        Env { tmp, src, rep, state }
+        Env {
+            tmp,
+            src,
+            rep,
+            state,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -155,7 +163,13 @@ pub fn gen_tree(root: &Path, seed: u64, files: usize) {
     for i in 0..files {
         let dir = dirs[rng.below(dirs.len() as u64) as usize].clone();
         let name: OsString = match i % 7 {
-            0 => OsString::from_vec(format!("raw-\u{fffd}-{i}").into_bytes().into_iter().map(|b| if b == 0xbd { 0xff } else { b }).collect()),
+            0 => OsString::from_vec(
+                format!("raw-\u{fffd}-{i}")
+                    .into_bytes()
+                    .into_iter()
+                    .map(|b| if b == 0xbd { 0xff } else { b })
+                    .collect(),
+            ),
             1 => OsString::from(format!("файл-{i}.txt")),
             _ => OsString::from(format!("f{i}.bin")),
         };
@@ -175,7 +189,11 @@ pub fn gen_tree(root: &Path, seed: u64, files: usize) {
         }
         match rng.below(4) {
             0 => set_mtime(&p, 86_400 * 365, 0),
-            1 => set_mtime(&p, 1_600_000_000 + rng.below(1000) as i64, rng.below(1_000_000_000) as u32),
+            1 => set_mtime(
+                &p,
+                1_600_000_000 + rng.below(1000) as i64,
+                rng.below(1_000_000_000) as u32,
+            ),
             _ => set_mtime(&p, 1_700_000_000, 123_456_789),
         }
     }
@@ -185,7 +203,13 @@ pub fn gen_tree(root: &Path, seed: u64, files: usize) {
     std::os::unix::fs::symlink("empty", root.join("dir-link")).expect("symlink");
     let bad = OsString::from_vec(b"non-utf8-\xff\xfe-dir".to_vec());
     fs::create_dir_all(root.join(&bad).join("inner")).expect("mkdir bad");
-    write(&root.join(&bad).join("inner").join(OsString::from_vec(b"x\x80y".to_vec())), b"bytes");
+    write(
+        &root
+            .join(&bad)
+            .join("inner")
+            .join(OsString::from_vec(b"x\x80y".to_vec())),
+        b"bytes",
+    );
     // Directories get their own modes and mtimes last.
     for (i, d) in dirs.iter().enumerate().skip(1) {
         if i % 3 == 0 {
@@ -218,7 +242,11 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Snap> {
         let m = fs::symlink_metadata(e.path()).expect("lstat");
         let ft = m.file_type();
         let (kind, hash, target) = if ft.is_symlink() {
-            ("link", None, Some(fs::read_link(e.path()).expect("readlink")))
+            (
+                "link",
+                None,
+                Some(fs::read_link(e.path()).expect("readlink")),
+            )
         } else if ft.is_dir() {
             ("dir", None, None)
         } else if ft.is_file() {
@@ -252,7 +280,10 @@ pub fn assert_trees_equal(src: &Path, rep: &Path) {
     for (k, sa) in &a {
         match b.get(k) {
             None => diffs.push(format!("missing in replica: {}", k.display())),
-            Some(sb) if sa != sb => diffs.push(format!("differs: {}\n  src {sa:?}\n  rep {sb:?}", k.display())),
+            Some(sb) if sa != sb => diffs.push(format!(
+                "differs: {}\n  src {sa:?}\n  rep {sb:?}",
+                k.display()
+            )),
             _ => {}
         }
     }
@@ -279,7 +310,10 @@ pub fn assert_rsync_agrees(src: &Path, rep: &Path) {
         .expect("rsync is required by the tests (apt-get install rsync)");
     assert!(out.status.success(), "rsync failed: {}", text(&out));
     let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(listing.trim().is_empty(), "rsync -anic sees differences:\n{listing}");
+    assert!(
+        listing.trim().is_empty(),
+        "rsync -anic sees differences:\n{listing}"
+    );
 }
 
 /// No syncer temp file anywhere under `root`.
@@ -323,7 +357,11 @@ pub fn unprivileged(cmd: &Command) -> Command {
 
 /// Hands `path` and everything below it to `nobody`.
 pub fn give_to_nobody(path: &Path) {
-    let st = Command::new("chown").args(["-R", "-h", "65534:65534"]).arg(path).status().expect("chown");
+    let st = Command::new("chown")
+        .args(["-R", "-h", "65534:65534"])
+        .arg(path)
+        .status()
+        .expect("chown");
     assert!(st.success());
 }
 
