@@ -737,3 +737,41 @@ fn mirrors_the_committed_fixture_tree() {
         std::path::PathBuf::from("../README.txt")
     );
 }
+
+/// Files of 8 MiB and more whose source changed are copied speculatively while hashed: a
+/// touch must still be a metadata fix only, and a same-size edit inside must be copied.
+#[test]
+fn large_file_touch_is_meta_only_and_inner_edit_is_copied() {
+    let env = Env::new();
+    let big = env.src.join("big.bin");
+    let mut rng = Rng::new(7);
+    write(&big, &rng.bytes(9 << 20));
+    set_mtime(&big, 1_600_000_000, 5);
+    env.mirror_ok(&[]);
+
+    set_mtime(&big, 1_600_000_100, 7);
+    let before = env.io_log().len();
+    env.mirror_ok(&[]);
+    let pass2 = env.io_log()[before..].to_string();
+    assert!(
+        pass2.contains("META big.bin"),
+        "touch should be META only:\n{pass2}"
+    );
+    assert!(
+        !pass2.contains("UPDATE big.bin"),
+        "touch must not copy:\n{pass2}"
+    );
+
+    let mut data = std::fs::read(&big).expect("read");
+    let mid = data.len() / 2;
+    data[mid..mid + (1 << 20)].copy_from_slice(&rng.bytes(1 << 20));
+    std::fs::write(&big, &data).expect("rewrite");
+    set_mtime(&big, 1_600_000_200, 9);
+    let before = env.io_log().len();
+    env.mirror_ok(&[]);
+    let pass3 = env.io_log()[before..].to_string();
+    assert!(
+        pass3.contains("UPDATE big.bin size=9437184"),
+        "inner edit must be copied:\n{pass3}"
+    );
+}
