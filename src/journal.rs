@@ -21,6 +21,8 @@ use crate::model::RelPath;
 const IO: &str = "io";
 const SCHEDULE: &str = "schedule";
 const PLAN: &str = "plan";
+/// Terminal and schedule-log side of per-entry errors and skips.
+const ENTRY: &str = "syncer::entry";
 
 struct Sink {
     path: PathBuf,
@@ -108,14 +110,18 @@ pub fn action(word: &str, rel: &RelPath, detail: std::fmt::Arguments) {
     log::info!(target: IO, "{word} {rel}{detail}");
 }
 
-/// A per-entry error: an `ERROR` line in the file-I/O log and a message on stderr.
+/// A per-entry error: an `ERROR` line in the file-I/O log; the message (which names the
+/// path) on stderr and in the schedule log.
 pub fn entry_error(rel: &RelPath, message: &str) {
     log::error!(target: IO, "ERROR {rel} {message}");
+    log::error!(target: ENTRY, "{message}");
 }
 
-/// A per-entry skip (e.g. changed during copy): a `SKIP` line and a warning on stderr.
+/// A per-entry skip (changed during copy, vanished): a `SKIP` line in the file-I/O log and a
+/// warning naming the path on stderr and in the schedule log.
 pub fn entry_skip(rel: &RelPath, message: &str) {
     log::warn!(target: IO, "SKIP {rel} {message}");
+    log::warn!(target: ENTRY, "skipped '{rel}': {message}");
 }
 
 /// A schedule log line.
@@ -170,15 +176,10 @@ impl Log for Journal {
             if let Some(s) = self.io.lock().expect("journal lock").as_mut() {
                 s.write(&line);
             }
-            let term = if record.level() <= Level::Warn {
-                msg.split_once(' ')
-                    .map(|(_, rest)| rest.split_once(' ').map_or(rest, |(_, m)| m))
-                    .unwrap_or(&msg)
-                    .to_string()
-            } else {
-                line
-            };
-            self.to_terminal(record, &term);
+            // Errors and skips reach the terminal through their ENTRY record.
+            if record.level() > Level::Warn {
+                self.to_terminal(record, &line);
+            }
         } else if target == SCHEDULE {
             let line = stamped(&msg);
             if let Some(s) = self.schedule.lock().expect("journal lock").as_mut() {

@@ -775,3 +775,21 @@ fn large_file_touch_is_meta_only_and_inner_edit_is_copied() {
         "inner edit must be copied:\n{pass3}"
     );
 }
+
+#[test]
+fn error_for_a_path_with_spaces_names_the_whole_path() {
+    let env = Env::new();
+    let secret = env.src.join("my dir/a secret file.txt");
+    write(&secret, b"private");
+    write(&env.src.join("ok.txt"), b"fine");
+    give_to_nobody(env.tmp.path());
+    chmod(&secret, 0o000);
+    let out = unprivileged(&env.monoshot_cmd(&[])).output().expect("run");
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("'my dir/a secret file.txt'"),
+        "stderr should quote the whole path:\n{err}"
+    );
+    assert!(env.rep.join("ok.txt").exists());
+}
