@@ -17,7 +17,7 @@ use crate::journal;
 use crate::model::{show, Meta, RelPath, Token};
 use crate::plan::{Op, Plan};
 use crate::scan::{self, Ctx};
-use crate::state::cache::{Cache, CachedFile, DirChange};
+use crate::state::cache::{Cache, CachedFile, Delta, DirChange};
 use crate::state::status::PassRecord;
 
 /// A source token whose ctime is within this window before the scan started is racy.
@@ -170,29 +170,49 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
         backup: cfg.backup_dir.as_ref().map(|d| d.join(&pass_stamp)),
         bar: bar.clone(),
     };
-    // 7. Commit, chunk by chunk: data durable first (syncfs), then the cache may vouch for it.
+    // 7. Commit, chunk by chunk: data durable first (syncfs), then the cache may vouch for
+    // it. Each chunk's commit runs on a second thread while the next chunk is copied, so the
+    // copy never waits for the disk; at most one finished chunk waits for its commit.
     let racy_after_ns = started_ns - RACY_WINDOW_NS;
-    let mut drafts: HashMap<RelPath, Vec<CachedFile>> = std::mem::take(&mut plan.drafts)
+    let drafts: HashMap<RelPath, Delta> = std::mem::take(&mut plan.drafts)
         .into_iter()
-        .map(|d| (d.dir, d.files))
+        .map(|d| (d.dir, d.delta))
         .collect();
-    let mut sync_error: Option<String> = None;
-    let done = applier.apply(&plan, |written, fixed| {
-        if sync_error.is_some() || (written.is_empty() && fixed.is_empty()) {
-            return;
-        }
-        if let Err(e) = replica.sync() {
-            sync_error = Some(format!(
-                "could not flush the replica '{}' to disk: {}",
-                show(&cfg.replica),
-                reason(&e)
-            ));
-            return;
-        }
-        if let Err(e) = cache.record_chunk(group_by_dir(written, fixed, racy_after_ns), &mut drafts)
-        {
-            log::warn!("could not update the hash cache: {e}; the next pass hashes again");
-        }
+    let (tx, rx) =
+        std::sync::mpsc::sync_channel::<(Vec<(RelPath, Written)>, Vec<(RelPath, Token)>)>(1);
+    let (done, drafts, mut sync_error) = std::thread::scope(|scope| {
+        let replica = &replica;
+        let committer = scope.spawn(move || {
+            let mut drafts = drafts;
+            let mut sync_error: Option<String> = None;
+            for (written, fixed) in rx {
+                if sync_error.is_some() {
+                    continue;
+                }
+                if let Err(e) = replica.sync() {
+                    sync_error = Some(format!(
+                        "could not flush the replica '{}' to disk: {}",
+                        show(&cfg.replica),
+                        reason(&e)
+                    ));
+                    continue;
+                }
+                if let Err(e) =
+                    cache.record_chunk(group_by_dir(written, fixed, racy_after_ns), &mut drafts)
+                {
+                    log::warn!("could not update the hash cache: {e}; the next pass hashes again");
+                }
+            }
+            (drafts, sync_error)
+        });
+        let done = applier.apply(&plan, |written, fixed| {
+            if !(written.is_empty() && fixed.is_empty()) {
+                let _ = tx.send((written, fixed));
+            }
+        });
+        drop(tx);
+        let (drafts, sync_error) = committer.join().expect("the commit thread does not panic");
+        (done, drafts, sync_error)
     });
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::fsops::Hint;
 use crate::model::{Kind, Meta, RelPath};
-use crate::state::cache::CachedFile;
+use crate::state::cache::Delta;
 
 /// Why a file is copied; also the word written to the file-I/O log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,12 +66,14 @@ pub struct Action {
     pub op: Op,
 }
 
-/// A directory's cache record to rewrite after the pass: the files whose state the scan
-/// already knows; files copied by this pass are added from their outcomes.
+/// How a directory's cache record must change after the pass, as far as the scan knows:
+/// only the entries that differ from the stored record and the names that left it, so a
+/// plan's memory follows the number of changes, not the size of the changed directories.
+/// Files copied by this pass are added from their outcomes.
 #[derive(Debug)]
 pub struct Draft {
     pub dir: RelPath,
-    pub files: Vec<CachedFile>,
+    pub delta: Delta,
 }
 
 /// A per-entry problem found by the scan (unreadable directory, vanished file...).

@@ -21,7 +21,7 @@ use crate::error::reason;
 use crate::fsops::{is_temp, list_dir, HashCounters, Replica};
 use crate::model::{Entry, Kind, Meta, RelPath};
 use crate::plan::{Action, Draft, LinkSpec, Op, Plan, Problem, Reason};
-use crate::state::cache::{CachedFile, DirRecord, Snapshot};
+use crate::state::cache::{CachedFile, Delta, DirRecord, Snapshot};
 
 /// Everything a scan reads; shared by all scan threads.
 pub struct Ctx<'a> {
@@ -135,11 +135,14 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
         files.extend(child.cached);
         plan = plan.merge(child.plan);
     }
-    if src.is_some() && (copies || files != record.files) {
-        plan.drafts.push(Draft {
-            dir: rel.clone(),
-            files,
-        });
+    if src.is_some() {
+        let delta = Delta::between(&record.files, files);
+        if copies || !delta.is_empty() {
+            plan.drafts.push(Draft {
+                dir: rel.clone(),
+                delta,
+            });
+        }
     }
     if let Some(src) = src {
         if touched || rep.is_none_or(|r| meta_differs(src, r, ctx.replica.chown)) {

@@ -203,31 +203,27 @@ impl Cache {
     }
 
     /// Records files written or fixed by one applied chunk (call only once they are
-    /// durable). A directory's record starts from its scan draft the first time this pass
-    /// touches it (the draft is consumed), from the stored record afterwards.
+    /// durable). The first time this pass touches a directory, its scan delta is applied to
+    /// the stored record too (and consumed).
     pub fn record_chunk(
         &self,
         changes: BTreeMap<RelPath, DirChange>,
-        drafts: &mut HashMap<RelPath, Vec<CachedFile>>,
+        drafts: &mut HashMap<RelPath, Delta>,
     ) -> Result<(), String> {
         let Some(db) = &self.db else { return Ok(()) };
         let txn = db.begin_write().map_err(db_err)?;
         {
             let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
             for (dir, change) in changes {
-                let mut files = match drafts.remove(&dir) {
-                    Some(f) => f,
-                    None => dirs
-                        .get(dir.as_bytes())
-                        .map_err(db_err)?
-                        .and_then(|g| bincode::deserialize::<DirRecord>(g.value()).ok())
-                        .map(|r| r.files)
-                        .unwrap_or_default(),
-                };
-                for w in change.written {
-                    files.retain(|f| f.name != w.name);
-                    files.push(w);
+                let mut files = stored(&dirs, &dir)?;
+                if let Some(delta) = drafts.remove(&dir) {
+                    delta.apply(&mut files);
                 }
+                Delta {
+                    upserts: change.written,
+                    removed: Vec::new(),
+                }
+                .apply(&mut files);
                 for (name, token) in change.fixed {
                     if let Some(f) = files.iter_mut().find(|f| f.name == name) {
                         f.rep = token;
@@ -243,7 +239,7 @@ impl Cache {
     /// stores the pass summary, in one durable transaction.
     pub fn finish(
         &self,
-        drafts: HashMap<RelPath, Vec<CachedFile>>,
+        drafts: HashMap<RelPath, Delta>,
         dropped_trees: &[RelPath],
         pass_key: u64,
         pass_json: &str,
@@ -265,7 +261,9 @@ impl Cache {
                     dirs.remove(k.as_slice()).map_err(db_err)?;
                 }
             }
-            for (dir, files) in drafts {
+            for (dir, delta) in drafts {
+                let mut files = stored(&dirs, &dir)?;
+                delta.apply(&mut files);
                 put(&mut dirs, &dir, files)?;
             }
             let mut passes = txn.open_table(PASSES).map_err(db_err)?;
@@ -282,6 +280,60 @@ impl Cache {
             }
         }
         txn.commit().map_err(db_err)
+    }
+}
+
+/// The files of a directory's stored record (none if it has no record or cannot be read).
+fn stored(dirs: &redb::Table<&[u8], &[u8]>, dir: &RelPath) -> Result<Vec<CachedFile>, String> {
+    Ok(dirs
+        .get(dir.as_bytes())
+        .map_err(db_err)?
+        .and_then(|g| bincode::deserialize::<DirRecord>(g.value()).ok())
+        .map(|r| r.files)
+        .unwrap_or_default())
+}
+
+/// The difference between a directory's stored record and what a scan found.
+#[derive(Debug, Default)]
+pub struct Delta {
+    /// Entries that are new or differ from the stored ones.
+    pub upserts: Vec<CachedFile>,
+    /// Names in the stored record that the scan no longer vouches for.
+    pub removed: Vec<Vec<u8>>,
+}
+
+impl Delta {
+    /// `old` and `new` are both sorted by name.
+    pub fn between(old: &[CachedFile], new: Vec<CachedFile>) -> Delta {
+        let mut d = Delta::default();
+        let mut o = old.iter().peekable();
+        for n in new {
+            while let Some(prev) = o.next_if(|p| p.name < n.name) {
+                d.removed.push(prev.name.clone());
+            }
+            match o.next_if(|p| p.name == n.name) {
+                Some(prev) if *prev == n => {}
+                _ => d.upserts.push(n),
+            }
+        }
+        d.removed.extend(o.map(|p| p.name.clone()));
+        d
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removed.is_empty()
+    }
+
+    pub fn apply(self, files: &mut Vec<CachedFile>) {
+        if !self.removed.is_empty() {
+            files.retain(|f| !self.removed.contains(&f.name));
+        }
+        for u in self.upserts {
+            match files.iter_mut().find(|f| f.name == u.name) {
+                Some(f) => *f = u,
+                None => files.push(u),
+            }
+        }
     }
 }
 
@@ -332,4 +384,38 @@ fn child_range(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let mut hi = key.to_vec();
     hi.push(b'0');
     (lo, hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(name: &str, ino: u64) -> CachedFile {
+        CachedFile {
+            name: name.as_bytes().to_vec(),
+            src: Token { ino, ..Token::default() },
+            rep: Token::default(),
+            hash: Hash::default(),
+            src_racy: false,
+        }
+    }
+
+    #[test]
+    fn delta_keeps_only_changes_and_reproduces_the_new_record() {
+        let old = vec![f("a", 1), f("b", 2), f("c", 3), f("e", 5)];
+        let new = vec![f("a", 1), f("c", 30), f("d", 4)];
+        let d = Delta::between(&old, new.clone());
+        assert_eq!(d.upserts, vec![f("c", 30), f("d", 4)]);
+        assert_eq!(d.removed, vec![b"b".to_vec(), b"e".to_vec()]);
+        let mut files = old;
+        d.apply(&mut files);
+        files.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(files, new);
+    }
+
+    #[test]
+    fn delta_of_an_unchanged_directory_is_empty() {
+        let old = vec![f("a", 1), f("b", 2)];
+        assert!(Delta::between(&old, old.clone()).is_empty());
+    }
 }
