@@ -57,8 +57,9 @@ pub fn files(
     // A large file whose source changed while the replica is known: copy it right away,
     // hashing as it is copied, instead of reading it once to hash and again to copy. If
     // the content turns out unchanged, the copy is dropped and only metadata is fixed.
+    // Only a token that really changed counts: a racy but equal one just wants a re-hash.
     if let (None, Some(c)) = (src_hit, rep_hit) {
-        if src.size >= PIPELINE_MIN {
+        if src.size >= PIPELINE_MIN && c.src != src.token {
             return FileVerdict::Copy {
                 reason: changed,
                 hint: Some(Hint::Unless(c.hash)),

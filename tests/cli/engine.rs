@@ -793,3 +793,28 @@ fn error_for_a_path_with_spaces_names_the_whole_path() {
     );
     assert!(env.rep.join("ok.txt").exists());
 }
+
+/// A large file mirrored right after it was written has a racy token: the next pass must
+/// re-hash it, not copy it again (speculative copies are for tokens that really changed).
+#[test]
+fn unchanged_large_file_with_a_racy_token_is_not_rewritten() {
+    let env = Env::new();
+    write(&env.src.join("big.bin"), &Rng::new(3).bytes(9 << 20));
+    env.mirror_ok(&[]);
+    let before = env.io_log().len();
+    env.mirror_ok(&[]);
+    let pass2 = env.io_log()[before..].to_string();
+    assert!(
+        pass2.trim().is_empty(),
+        "an unchanged file needs no action:\n{pass2}"
+    );
+    assert!(
+        env.schedule_log()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .contains("hashed 1 files"),
+        "the racy source is re-hashed once:\n{}",
+        env.schedule_log()
+    );
+}
