@@ -77,7 +77,9 @@ pub fn hash_file(path: &Path, counters: &HashCounters) -> io::Result<(Hash, Toke
     let mut total = 0u64;
     BUF.with(|buf| -> io::Result<()> {
         let mut buf = buf.borrow_mut();
-        loop {
+        // Read up to the size fstat gave, not to EOF: a file that grew or shrank changes
+        // its token, which the check after the loop catches, and this saves a read per file.
+        while total < before.size {
             if cancel::requested() {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
             }
@@ -90,6 +92,7 @@ pub fn hash_file(path: &Path, counters: &HashCounters) -> io::Result<(Hash, Toke
             hasher.update(&buf[..n]);
             total += n as u64;
         }
+        Ok(())
     })?;
     let after = Token::of(&file.metadata()?);
     if after != before || total != before.size {
@@ -371,7 +374,9 @@ fn copy_hashing(input: &mut File, out: &mut File, size: u64) -> Result<(Hash, u6
     let mut total = 0u64;
     BUF.with(|buf| -> Result<(), CopyError> {
         let mut buf = buf.borrow_mut();
-        loop {
+        // Up to the size fstat gave (see `hash_file`); the token check after the copy
+        // catches a file that changed size meanwhile.
+        while total < size {
             if cancel::requested() {
                 return Err(CopyError::Replica(io::Error::new(
                     io::ErrorKind::Interrupted,
@@ -388,6 +393,7 @@ fn copy_hashing(input: &mut File, out: &mut File, size: u64) -> Result<(Hash, u6
             out.write_all(&buf[..n]).map_err(CopyError::Replica)?;
             total += n as u64;
         }
+        Ok(())
     })?;
     Ok((Hash(hasher.finalize().into()), total))
 }

@@ -393,7 +393,10 @@ mod tests {
     fn f(name: &str, ino: u64) -> CachedFile {
         CachedFile {
             name: name.as_bytes().to_vec(),
-            src: Token { ino, ..Token::default() },
+            src: Token {
+                ino,
+                ..Token::default()
+            },
             rep: Token::default(),
             hash: Hash::default(),
             src_racy: false,
