@@ -855,3 +855,47 @@ fn temps_in_tree(root: &Path) -> usize {
         })
         .count()
 }
+
+#[test]
+fn read_only_replica_fails_partially_names_the_cause_and_changes_nothing() {
+    let env = Env::new();
+    let _mount = Mount::tmpfs(&env.rep, "8m");
+    write(&env.src.join("keep.txt"), b"first version");
+    write(&env.src.join("dir/inner.txt"), b"inner");
+    env.mirror_ok(&[]);
+    let before = snapshot(&env.rep);
+
+    write(&env.src.join("keep.txt"), b"second version!");
+    write(&env.src.join("new.txt"), b"new");
+    let st = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&env.rep)
+        .status()
+        .expect("remount");
+    assert!(st.success(), "remount read-only failed");
+    let out = env.monoshot(&[]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("read-only file system"),
+        "cause not named:\n{err}"
+    );
+    assert!(
+        err.contains("'keep.txt'") && err.contains("'new.txt'"),
+        "paths not named:\n{err}"
+    );
+    assert_eq!(
+        snapshot(&env.rep),
+        before,
+        "a read-only replica must be left as it was"
+    );
+
+    let st = Command::new("mount")
+        .args(["-o", "remount,rw"])
+        .arg(&env.rep)
+        .status()
+        .expect("remount");
+    assert!(st.success());
+    env.mirror_ok(&[]);
+    assert_no_temps(&env.rep);
+}
