@@ -296,8 +296,10 @@ pub fn assert_trees_equal(src: &Path, rep: &Path) {
     assert_rsync_agrees(src, rep);
 }
 
-/// `rsync -anic --delete S/ R/` must print nothing (specials excluded, as syncer skips them).
-pub fn assert_rsync_agrees(src: &Path, rep: &Path) {
+/// What `rsync -anic --delete S/ R/` lists as different (specials excluded, as syncer skips
+/// them): `Ok("")` when the trees agree, `Err` when rsync itself failed (for example a
+/// replica that does not exist yet). Never panics, so it can be polled.
+pub fn rsync_differences(src: &Path, rep: &Path) -> Result<String, String> {
     let mut s = src.as_os_str().to_owned();
     s.push("/");
     let mut r = rep.as_os_str().to_owned();
@@ -307,11 +309,23 @@ pub fn assert_rsync_agrees(src: &Path, rep: &Path) {
         .arg(&s)
         .arg(&r)
         .output()
-        .expect("rsync is required by the tests (apt-get install rsync)");
-    assert!(out.status.success(), "rsync failed: {}", text(&out));
-    let listing = String::from_utf8_lossy(&out.stdout);
+        .map_err(|e| format!("rsync is required by the tests (apt-get install rsync): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("rsync failed: {}", text(&out)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// True when rsync sees no difference (see `rsync_differences`).
+pub fn rsync_quiet(src: &Path, rep: &Path) -> bool {
+    rep.is_dir() && rsync_differences(src, rep).is_ok_and(|d| d.is_empty())
+}
+
+/// `rsync -anic --delete S/ R/` must print nothing.
+pub fn assert_rsync_agrees(src: &Path, rep: &Path) {
+    let listing = rsync_differences(src, rep).unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        listing.trim().is_empty(),
+        listing.is_empty(),
         "rsync -anic sees differences:\n{listing}"
     );
 }

@@ -191,22 +191,9 @@ fn signal(pid: i32, sig: Signal) {
 }
 
 /// `rep` mirrors `src` as far as `rsync -anic --delete` can tell. Does not panic, so it can be
-/// polled while the daemon works (a vanishing temp file is not an error here).
+/// polled while the daemon works.
 fn mirrored(src: &Path, rep: &Path) -> bool {
-    if !rep.is_dir() {
-        return false;
-    }
-    let mut s = src.as_os_str().to_owned();
-    s.push("/");
-    let mut r = rep.as_os_str().to_owned();
-    r.push("/");
-    Command::new("rsync")
-        .args(["-anic", "--delete", "--no-specials", "--no-devices"])
-        .arg(&s)
-        .arg(&r)
-        .output()
-        .map(|o| o.status.success() && o.stdout.is_empty())
-        .unwrap_or(false)
+    rsync_quiet(src, rep)
 }
 
 /// Polls until `rep` mirrors `src`, then checks it strictly (own walk + rsync).

@@ -759,21 +759,6 @@ fn churn() -> Command {
     c
 }
 
-/// `rsync -anic --delete` sees no difference (tolerates a tree that changes meanwhile).
-fn rsync_quiet(src: &Path, rep: &Path) -> bool {
-    let mut s = src.as_os_str().to_owned();
-    s.push("/");
-    let mut r = rep.as_os_str().to_owned();
-    r.push("/");
-    let out = Command::new("rsync")
-        .args(["-anic", "--delete", "--no-specials", "--no-devices"])
-        .arg(&s)
-        .arg(&r)
-        .output()
-        .expect("rsync");
-    out.status.success() && out.stdout.is_empty()
-}
-
 #[test]
 fn daemon_under_churn_never_exposes_a_torn_file_and_converges() {
     let env = Env::new();
