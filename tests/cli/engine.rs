@@ -818,3 +818,50 @@ fn unchanged_large_file_with_a_racy_token_is_not_rewritten() {
         env.schedule_log()
     );
 }
+
+/// The progress bar (files and bytes of the plan) is drawn on a terminal, never into pipes.
+#[test]
+fn progress_bar_appears_on_a_terminal_only() {
+    let env = Env::new();
+    for i in 0..3 {
+        write(
+            &env.src.join(format!("f{i}.bin")),
+            &Rng::new(i).bytes(24 << 20),
+        );
+    }
+    // Without a terminal: no bar.
+    let piped = env.monoshot(&[]);
+    assert_eq!(code(&piped), 0, "{}", text(&piped));
+    assert!(
+        !text(&piped).contains("MiB/"),
+        "no bar without a terminal:\n{}",
+        text(&piped)
+    );
+
+    // `script` runs the same command on a pseudo-terminal and copies what it drew.
+    let env = Env::new();
+    for i in 0..3 {
+        write(
+            &env.src.join(format!("f{i}.bin")),
+            &Rng::new(i).bytes(24 << 20),
+        );
+    }
+    let cmd = format!(
+        "{} monoshot --source '{}' --replica '{}' --state-dir '{}'",
+        bin().display(),
+        env.src.display(),
+        env.rep.display(),
+        env.state.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs a command on a terminal");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("MiB/72.00 MiB") && screen.contains("3 files"),
+        "no progress bar on the terminal:\n{screen}"
+    );
+    assert_trees_equal(&env.src, &env.rep);
+}
