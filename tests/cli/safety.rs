@@ -884,3 +884,45 @@ fn read_only_replica_fails_partially_names_the_cause_and_changes_nothing() {
     env.mirror_ok(&[]);
     assert_no_temps(&env.rep);
 }
+
+#[test]
+fn sigint_during_a_monoshot_copy_stops_cleanly_with_exit_1() {
+    let env = Env::new();
+    write(&env.src.join("small.txt"), b"small");
+    write_big(&env.src.join("big.bin"), 17, 384);
+    let mut child = env
+        .monoshot_cmd(&[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn monoshot");
+    let temp_seen = wait_for(Duration::from_secs(30), || {
+        fs::read_dir(&env.rep).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".syncer-"))
+        })
+    });
+    assert!(temp_seen, "the copy of big.bin never started");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT");
+    let status = child.wait().expect("wait");
+    // Either the copy was abandoned (interrupted, exit 1) or it had just finished (exit 0).
+    let code = status.code().unwrap_or(-1);
+    assert!(code == 1 || code == 0, "unexpected exit {status:?}");
+    assert_no_temps(&env.rep);
+    let rep_big = env.rep.join("big.bin");
+    if rep_big.exists() {
+        assert_eq!(
+            sha(&rep_big),
+            sha(&env.src.join("big.bin")),
+            "torn big.bin in the replica"
+        );
+    }
+    if code == 1 {
+        assert!(
+            env.schedule_log().contains("PASS END interrupted"),
+            "{}",
+            env.schedule_log()
+        );
+    }
+    env.mirror_ok(&[]);
+}
