@@ -126,6 +126,16 @@ impl Applier<'_> {
                 .map(|a| self.one(a))
                 .reduce(Applied::default, Applied::merge)
         };
+        for temp in &plan.stale_temps {
+            match self.replica.remove_temp(temp) {
+                Ok(()) => log::debug!("removed leftover temp file '{temp}'"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!(
+                    "could not remove leftover temp file '{temp}': {}",
+                    reason(&e)
+                ),
+            }
+        }
         let mut done = run(&deletes);
         mkdirs.sort_by(|a, b| a.rel.cmp(&b.rel));
         for a in mkdirs {
@@ -245,19 +255,30 @@ impl Applier<'_> {
                     )
                 }
             },
-            Op::Meta { meta } | Op::DirMeta { meta } => match self.replica.fix_meta(rel, meta) {
-                Ok(token) => {
-                    journal::action(word, rel, format_args!(""));
-                    if matches!(action.op, Op::Meta { .. }) {
+            Op::Meta { meta, rep } => {
+                match self.replica.fix_meta(rel, meta, rep.as_deref().copied()) {
+                    Ok(Some(token)) => {
+                        journal::action(word, rel, format_args!(""));
                         out.meta += 1;
                         if meta.kind == Kind::File {
                             out.fixed.push((rel.clone(), token));
                         }
                     }
+                    Ok(None) => return changed_in_replica(rel),
+                    Err(e) => {
+                        return Applied::error(
+                            rel,
+                            format!(
+                                "could not set metadata of '{rel}' in the replica: {}",
+                                reason(&e)
+                            ),
+                        )
+                    }
                 }
-                Err(e)
-                    if e.kind() == io::ErrorKind::NotFound
-                        && matches!(action.op, Op::DirMeta { .. }) => {}
+            }
+            Op::DirMeta { meta } => match self.replica.fix_meta(rel, meta, None) {
+                Ok(_) => journal::action(word, rel, format_args!("")),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Applied::error(
                         rel,
@@ -274,8 +295,9 @@ impl Applier<'_> {
 
     /// The copy found the content equal to the replica's: fix metadata only.
     fn unchanged(&self, rel: &RelPath, c: Copied) -> Applied {
-        match self.replica.fix_meta(rel, &c.meta) {
-            Ok(rep) => {
+        match self.replica.fix_meta(rel, &c.meta, Some(c.rep)) {
+            Ok(None) => changed_in_replica(rel),
+            Ok(Some(rep)) => {
                 journal::action("META", rel, format_args!(""));
                 Applied {
                     meta: 1,
@@ -333,7 +355,7 @@ impl Applier<'_> {
                     return out;
                 }
                 // A changed source invalidates a known hash, not the replica's.
-                Err(CopyError::Changed) => hint = hint.filter(|h| matches!(h, Hint::Unless(_))),
+                Err(CopyError::Changed) => hint = hint.filter(|h| matches!(h, Hint::Unless(..))),
                 Err(CopyError::Source(e)) if e.kind() == io::ErrorKind::NotFound => {
                     journal::entry_skip(rel, "vanished from the source before it could be copied");
                     return Applied {
@@ -363,5 +385,17 @@ impl Applier<'_> {
             skipped: 1,
             ..Applied::default()
         }
+    }
+}
+
+/// A replica file changed between the scan and its metadata fix: leave it to the next pass.
+fn changed_in_replica(rel: &RelPath) -> Applied {
+    journal::entry_skip(
+        rel,
+        "changed in the replica during the pass; the next pass takes it",
+    );
+    Applied {
+        skipped: 1,
+        ..Applied::default()
     }
 }

@@ -62,7 +62,7 @@ pub fn files(
         if src.size >= PIPELINE_MIN && c.src != src.token {
             return FileVerdict::Copy {
                 reason: changed,
-                hint: Some(Hint::Unless(c.hash)),
+                hint: Some(Hint::Unless(c.hash, c.rep)),
             };
         }
     }

@@ -130,7 +130,9 @@ pub enum Hint {
     /// The replica already holds content with this hash (a large file whose source token
     /// changed): the copy hashes the source as it goes, and if the hash turns out equal the
     /// temp file is dropped, because only metadata changed.
-    Unless(Hash),
+    /// The token is the replica file's, as scanned: the copy is only dropped if the replica
+    /// file still has it (otherwise it changed meanwhile and is replaced).
+    Unless(Hash, Token),
 }
 
 /// The result of installing one file into the replica.
@@ -144,7 +146,8 @@ pub struct Copied {
     pub bytes: u64,
     /// The source's metadata at the copy (what was applied to the replica file).
     pub meta: Meta,
-    /// `Hint::Unless` matched: nothing was installed, the replica's content is already equal.
+    /// `Hint::Unless` matched: nothing was installed, the replica's content is already equal
+    /// (and `rep` is the replica file's unchanged token).
     pub unchanged: bool,
 }
 
@@ -240,15 +243,17 @@ impl Replica {
             }
             _ => copy_hashing(&mut input, tmp.as_file_mut(), meta.size)?,
         };
-        if let Some(Hint::Unless(old)) = hint {
-            if old == hash && bytes == meta.size {
+        if let Some(Hint::Unless(old, rep_token)) = hint {
+            let replica_unchanged =
+                fs::symlink_metadata(self.abs(rel)).is_ok_and(|m| Token::of(&m) == rep_token);
+            if old == hash && bytes == meta.size && replica_unchanged {
                 let m2 = input.metadata().map_err(CopyError::Source)?;
                 if Token::of(&m2) != meta.token {
                     return Err(CopyError::Changed);
                 }
                 return Ok(Copied {
                     src: meta.token,
-                    rep: Token::default(),
+                    rep: rep_token,
                     hash,
                     bytes: 0,
                     meta,
@@ -309,20 +314,51 @@ impl Replica {
         })
     }
 
-    /// Sets owner (when root), mode (not for symlinks) and times of `rel`, never following a
-    /// symlink. Returns the entry's new token.
-    pub fn fix_meta(&self, rel: &RelPath, meta: &Meta) -> io::Result<Token> {
+    /// Sets owner (when root), mode and times of `rel` without following a symlink, and
+    /// returns its new token. A file or directory is changed through a descriptor opened with
+    /// `O_NOFOLLOW`; with `expect`, a file whose token is no longer the scanned one is left
+    /// alone (`Ok(None)`): it changed during the pass, and recording the old hash for it would
+    /// let the cache vouch for content it never saw.
+    pub fn fix_meta(
+        &self,
+        rel: &RelPath,
+        meta: &Meta,
+        expect: Option<Token>,
+    ) -> io::Result<Option<Token>> {
         let path = self.abs(rel);
-        self.set_meta(&path, meta)?;
-        Ok(Token::of(&fs::symlink_metadata(&path)?))
+        if meta.kind == Kind::Symlink {
+            self.set_meta(&path, meta)?;
+            return Ok(Some(Token::of(&fs::symlink_metadata(&path)?)));
+        }
+        let mut flags = nix::fcntl::OFlag::O_NOFOLLOW;
+        if meta.kind == Kind::Dir {
+            flags |= nix::fcntl::OFlag::O_DIRECTORY;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(flags.bits())
+            .open(&path)?;
+        if let Some(token) = expect {
+            if Token::of(&file.metadata()?) != token {
+                return Ok(None);
+            }
+        }
+        if self.chown {
+            std::os::unix::fs::fchown(&file, Some(meta.uid), Some(meta.gid))?;
+        }
+        file.set_permissions(Permissions::from_mode(meta.perm))?;
+        file.set_times(
+            FileTimes::new()
+                .set_accessed(system_time(meta.atime))
+                .set_modified(system_time(meta.mtime)),
+        )?;
+        Ok(Some(Token::of(&file.metadata()?)))
     }
 
+    /// Owner and times of a symlink (its mode means nothing on Linux), never following it.
     fn set_meta(&self, path: &Path, meta: &Meta) -> io::Result<()> {
         if self.chown {
             std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
-        }
-        if meta.kind != Kind::Symlink {
-            fs::set_permissions(path, Permissions::from_mode(meta.perm))?;
         }
         filetime::set_symlink_file_times(path, file_time(meta.atime), file_time(meta.mtime))
     }
@@ -337,28 +373,50 @@ impl Replica {
         }
     }
 
-    /// Moves `rel` to `backup/rel` (a rename, or a copy and removal across filesystems).
+    /// Moves `rel` to `backup/rel`: a rename that never replaces an existing backup, or
+    /// across filesystems a copy, made durable (`syncfs` of the backup's filesystem) before
+    /// the replica entry is removed.
     pub fn backup(&self, rel: &RelPath, backup: &Path) -> io::Result<()> {
         let from = self.abs(rel);
         let to = rel.under(backup);
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent)?;
         }
-        match fs::rename(&from, &to) {
-            Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+        let moved = nix::fcntl::renameat2(
+            None,
+            &from,
+            None,
+            &to,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        );
+        match moved {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EXDEV) => {
                 copy_tree(&from, &to)?;
+                sync_fs_of(&to)?;
                 let kind = Kind::of(&fs::symlink_metadata(&from)?);
                 self.remove(rel, kind)
             }
-            other => other,
+            Err(e) => Err(io::Error::from(e)),
         }
+    }
+
+    /// Makes everything written under `rel` durable: `syncfs` of the filesystem holding it
+    /// (differs from the root's when a filesystem is mounted inside the replica).
+    pub fn sync_at(&self, rel: &RelPath) -> io::Result<()> {
+        sync_fs_of(&self.abs(rel))
     }
 
     /// Makes everything written to the replica's filesystem durable (`syncfs`).
     pub fn sync(&self) -> io::Result<()> {
-        let dir = File::open(&self.root)?;
-        nix::unistd::syncfs(dir.as_raw_fd()).map_err(io::Error::from)
+        sync_fs_of(&self.root)
     }
+}
+
+/// `syncfs` of the filesystem holding `path`.
+fn sync_fs_of(path: &Path) -> io::Result<()> {
+    let file = File::open(path)?;
+    nix::unistd::syncfs(file.as_raw_fd()).map_err(io::Error::from)
 }
 
 /// Read errors come from the source, write errors from the replica; `io::copy` does both.
@@ -486,9 +544,14 @@ impl Replica {
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent)?;
         }
+        // `link` never replaces an existing backup; the copy across filesystems is created
+        // exclusively too, and made durable before the original can be replaced.
         match fs::hard_link(&from, &to) {
             Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-                fs::copy(&from, &to).map(|_| ())
+                let mut input = open_nofollow(&from)?;
+                let mut out = OpenOptions::new().write(true).create_new(true).open(&to)?;
+                io::copy(&mut input, &mut out)?;
+                out.sync_all()
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,

@@ -20,8 +20,9 @@ use crate::scan::{self, Ctx};
 use crate::state::cache::{Cache, CachedFile, Delta, DirChange};
 use crate::state::status::PassRecord;
 
-/// A source token whose ctime is within this window before the scan started is racy.
-const RACY_WINDOW_NS: i64 = 1_000_000_000;
+/// A source token whose ctime is within this window before the scan started is racy. Wider
+/// than any timestamp granularity in use (FAT keeps 2 s), with a margin for clock skew.
+const RACY_WINDOW_NS: i64 = 3_000_000_000;
 
 pub struct Outcome {
     pub record: PassRecord,
@@ -95,7 +96,22 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
             return end(finish(record, t0, "failed", ExitCode::Usage, Some(msg)));
         }
     };
-    let rep_root = fs::metadata(&cfg.replica).ok().map(|m| Meta::of(&m));
+    // Only a replica that does not exist is planned as empty: any other error (EIO, a stale
+    // NFS handle) would make every file a create and bypass --backup-dir.
+    let rep_root = match fs::metadata(&cfg.replica) {
+        Ok(m) => Some(Meta::of(&m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            let msg = format!(
+                "could not read replica '{}': {}",
+                show(&cfg.replica),
+                reason(&e)
+            );
+            log::error!("{msg}");
+            return end(finish(record, t0, "failed", ExitCode::Usage, Some(msg)));
+        }
+    };
+    let root_dev = rep_root.map(|m| m.token.dev);
 
     // 2-4. Scan, compare, plan.
     let counters = HashCounters::default();
@@ -159,7 +175,8 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
     }
 
     // 6. Apply.
-    let pass_stamp = humantime::format_rfc3339_seconds(started)
+    // Milliseconds: two passes within one second must not share a backup folder.
+    let pass_stamp = humantime::format_rfc3339_millis(started)
         .to_string()
         .replace(':', "-");
     let bar = progress.then(|| progress_bar(&plan));
@@ -189,7 +206,20 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
                 if sync_error.is_some() {
                     continue;
                 }
-                if let Err(e) = replica.sync() {
+                // The root's filesystem, and any other one mounted inside the replica that
+                // this chunk wrote to.
+                let mut others: BTreeMap<u64, RelPath> = BTreeMap::new();
+                for (rel, w) in &written {
+                    if Some(w.rep.dev) != root_dev {
+                        others
+                            .entry(w.rep.dev)
+                            .or_insert_with(|| rel.parent().unwrap_or_default());
+                    }
+                }
+                let synced = replica
+                    .sync()
+                    .and_then(|()| others.values().try_for_each(|dir| replica.sync_at(dir)));
+                if let Err(e) = synced {
                     sync_error = Some(format!(
                         "could not flush the replica '{}' to disk: {}",
                         show(&cfg.replica),

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::fsops::Hint;
-use crate::model::{Kind, Meta, RelPath};
+use crate::model::{Kind, Meta, RelPath, Token};
 use crate::state::cache::Delta;
 
 /// Why a file is copied; also the word written to the file-I/O log.
@@ -47,7 +47,12 @@ pub enum Op {
     /// Create or retarget a symlink.
     Link(Box<LinkSpec>),
     /// Fix mode, owner and times of a file or symlink whose content is already equal.
-    Meta { meta: Box<Meta> },
+    /// `rep` is the replica file's token that equality was established for: a file that no
+    /// longer has it is left for the next pass.
+    Meta {
+        meta: Box<Meta>,
+        rep: Option<Box<Token>>,
+    },
     /// Set a directory's mode, owner and times, after everything below it.
     DirMeta { meta: Box<Meta> },
 }
@@ -102,6 +107,8 @@ pub struct Plan {
     pub actions: Vec<Action>,
     pub drafts: Vec<Draft>,
     pub problems: Vec<Problem>,
+    /// Leftover `.syncer-*.tmp` files of an interrupted pass, removed first by apply.
+    pub stale_temps: Vec<RelPath>,
     /// Entries the replica holds now, outside excluded and unknown subtrees.
     pub replica_entries: u64,
     /// Entries the plan creates in the replica.
@@ -117,6 +124,7 @@ impl Plan {
         self.actions.extend(other.actions);
         self.drafts.extend(other.drafts);
         self.problems.extend(other.problems);
+        self.stale_temps.extend(other.stale_temps);
         self.replica_entries += other.replica_entries;
         self.creates += other.creates;
         self.deletes += other.deletes;
@@ -126,7 +134,7 @@ impl Plan {
 
     /// True when the plan changes nothing in the replica.
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty()
+        self.actions.is_empty() && self.stale_temps.is_empty()
     }
 }
 

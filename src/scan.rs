@@ -92,25 +92,32 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
     let src_entries: Vec<Entry> = src_entries
         .into_iter()
         .filter(|e| {
-            !is_temp(&e.name)
-                && !ctx
-                    .excludes
-                    .is_excluded(&rel.join(&e.name), e.meta.kind == Kind::Dir)
+            let child = rel.join(&e.name);
+            if ctx.excludes.is_excluded(&child, e.meta.kind == Kind::Dir) {
+                return false;
+            }
+            if is_temp(&e.name) {
+                log::warn!(
+                    "not mirroring '{child}': names like .syncer-*.tmp are syncer's temp files"
+                );
+                return false;
+            }
+            true
         })
         .collect();
     let mut rep_kept = Vec::with_capacity(rep_entries.len());
     for e in rep_entries {
-        if is_temp(&e.name) {
-            if !ctx.dry_run && ctx.replica.remove_temp(&rel.join(&e.name)).is_ok() {
-                log::debug!("removed leftover temp file '{}'", rel.join(&e.name));
-                touched = true;
-            }
+        let child = rel.join(&e.name);
+        if ctx.excludes.is_excluded(&child, e.meta.kind == Kind::Dir) {
             continue;
         }
-        if ctx
-            .excludes
-            .is_excluded(&rel.join(&e.name), e.meta.kind == Kind::Dir)
-        {
+        if is_temp(&e.name) {
+            // Left over by an interrupted pass (this pass holds the replica lock): removed
+            // by apply, so that a refused pass still changes nothing.
+            if e.meta.kind == Kind::File {
+                plan.stale_temps.push(child);
+                touched = true;
+            }
             continue;
         }
         rep_kept.push(e);
@@ -241,6 +248,7 @@ fn decide(
                                 });
                             }
                             FileVerdict::Meta(entry) => {
+                                let rep_token = entry.rep;
                                 // The fix changes the replica's token: rewrite the record.
                                 c.copies = true;
                                 c.cached = Some(entry);
@@ -248,6 +256,7 @@ fn decide(
                                     rel,
                                     op: Op::Meta {
                                         meta: Box::new(s.meta),
+                                        rep: Some(Box::new(rep_token)),
                                     },
                                 });
                             }
@@ -402,6 +411,7 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
             rel: rel.clone(),
             op: Op::Meta {
                 meta: Box::new(*src),
+                rep: None,
             },
         });
     }

@@ -19,6 +19,8 @@ use crate::model::show;
 pub struct Held {
     file: File,
     path: PathBuf,
+    /// The replica directory itself, flock-ed too (see `lock_replica`).
+    _dir: Option<File>,
 }
 
 impl Held {
@@ -51,6 +53,7 @@ pub fn try_lock(path: &Path) -> std::io::Result<std::result::Result<Held, String
         Ok(()) => Ok(Ok(Held {
             file,
             path: path.to_path_buf(),
+            _dir: None,
         })),
         Err(TryLockError::WouldBlock) => {
             let mut text = String::new();
@@ -82,24 +85,34 @@ pub fn replica_lock_path(state_dir: &Path, replica: &Path) -> PathBuf {
     state_dir.join("locks").join(format!("{id}.lock"))
 }
 
-/// Takes the replica lock or fails with exit code 4 naming the holder.
+/// Takes the replica lock or fails with exit code 4 naming the holder. Besides the lock file
+/// in the state directory, an existing replica directory is flock-ed itself (which writes
+/// nothing into it), so two runs with different `--state-dir`s cannot write one replica at
+/// the same time either.
 pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held> {
     let path = replica_lock_path(state_dir, replica);
-    match try_lock(&path).map_err(|e| Error::io("lock", &path, e))? {
-        Ok(mut held) => {
-            let text = format!("{who} replica {}\n", show(replica));
-            held.describe(&text)
-                .map_err(|e| Error::io("write lock file", &path, e))?;
-            Ok(held)
-        }
-        Err(text) => Err(Error::Busy(format!(
-            "replica '{}' is busy: another pass holds its lock ({})",
-            show(replica),
-            if text.is_empty() {
-                "holder unknown".to_string()
-            } else {
-                text
+    let busy = |holder: &str| {
+        Error::Busy(format!(
+            "replica '{}' is busy: another pass holds its lock ({holder})",
+            show(replica)
+        ))
+    };
+    let mut held = match try_lock(&path).map_err(|e| Error::io("lock", &path, e))? {
+        Ok(held) => held,
+        Err(text) if text.is_empty() => return Err(busy("holder unknown")),
+        Err(text) => return Err(busy(&text)),
+    };
+    let text = format!("{who} replica {}\n", show(replica));
+    held.describe(&text)
+        .map_err(|e| Error::io("write lock file", &path, e))?;
+    if let Ok(dir) = File::open(replica) {
+        match dir.try_lock() {
+            Ok(()) => held._dir = Some(dir),
+            Err(TryLockError::WouldBlock) => {
+                return Err(busy("a syncer process using another state directory"));
             }
-        ))),
+            Err(TryLockError::Error(e)) => return Err(Error::io("lock", replica, e)),
+        }
     }
+    Ok(held)
 }

@@ -49,12 +49,12 @@ fn regular_files(root: &Path) -> u64 {
     snapshot(root).values().filter(|s| s.kind == "file").count() as u64
 }
 
-/// Source files whose ctime is within 1 s of a pass's start are "racy" (a second write in the
+/// Source files whose ctime is within 3 s of a pass's start are "racy" (a second write in the
 /// same clock tick would not change their stat token), so the next pass re-hashes them, as
 /// git does for racy-clean index entries. Tests that count hashed files let the freshly
 /// generated tree age past that window once, before the first pass.
 fn let_tree_age_past_racy_window() {
-    std::thread::sleep(Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(3100));
 }
 
 /// Rewrites `path` with different content of the same length and puts its mtime back, so

@@ -926,3 +926,68 @@ fn sigint_during_a_monoshot_copy_stops_cleanly_with_exit_1() {
     }
     env.mirror_ok(&[]);
 }
+
+#[test]
+fn backups_of_two_quick_passes_never_overwrite_each_other() {
+    let env = Env::new();
+    let bk = env.path("bk");
+    let bk_arg = bk.to_str().expect("utf-8 path").to_string();
+    write(&env.src.join("f.txt"), b"version one");
+    env.mirror_ok(&[]);
+    write(&env.src.join("f.txt"), b"version two!");
+    env.mirror_ok(&["--backup-dir", &bk_arg]);
+    fs::remove_file(env.src.join("f.txt")).expect("rm");
+    env.mirror_ok(&["--backup-dir", &bk_arg]);
+    let mut kept: Vec<Vec<u8>> = walkdir::WalkDir::new(&bk)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| fs::read(e.path()).expect("read backup"))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        vec![b"version one".to_vec(), b"version two!".to_vec()]
+    );
+}
+
+#[test]
+fn refused_pass_leaves_even_leftover_temp_files_alone() {
+    let env = Env::new();
+    for i in 0..120 {
+        write(&env.src.join(format!("f{i}.txt")), b"data");
+    }
+    env.mirror_ok(&[]);
+    write(&env.rep.join(".syncer-leftover.tmp"), b"partial");
+    let before = snapshot(&env.rep);
+    fs::rename(&env.src, env.path("moved-away")).expect("move source");
+    fs::create_dir(&env.src).expect("empty source");
+    let out = env.monoshot(&[]);
+    assert_eq!(code(&out), 3, "{}", text(&out));
+    assert_eq!(
+        snapshot(&env.rep),
+        before,
+        "a refused pass must change nothing"
+    );
+}
+
+#[test]
+fn replica_lock_holds_across_state_directories() {
+    let env = Env::new();
+    write(&env.src.join("a.txt"), b"a");
+    env.mirror_ok(&[]);
+    let _daemon = start_daemon(&env, "1h");
+    let other_state = env.path("other-state");
+    let out = syncer()
+        .arg("monoshot")
+        .arg("--source")
+        .arg(&env.src)
+        .arg("--replica")
+        .arg(&env.rep)
+        .arg("--state-dir")
+        .arg(&other_state)
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert!(stderr(&out).contains("busy"), "{}", text(&out));
+}
