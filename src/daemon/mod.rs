@@ -29,6 +29,22 @@ pub fn pid_of(text: &str) -> Option<u32> {
     text.split_whitespace().next()?.parse().ok()
 }
 
+/// Takes the PID file's lock. `status`, `stop` and a waiting `start` probe that lock by
+/// taking it for an instant, so a refusal is retried for a short while: a probe lets go
+/// within microseconds, a running daemon never does.
+fn lock_pid_file(path: &std::path::Path) -> std::io::Result<Result<lock::Held, String>> {
+    let mut tries = 0;
+    loop {
+        match lock::try_lock(path)? {
+            Err(_) if tries < 25 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
 /// Reports a start-up failure: on the terminal in the foreground, else to the waiting parent.
 fn fail(cfg: &Config, nonce: &str, foreground: bool, msg: &str) {
     if foreground {
@@ -61,7 +77,7 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     journal::init(foreground.then_some(cfg.verbosity));
     let pid = std::process::id();
     let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");
-    let mut pidfile = match lock::try_lock(&pid_path) {
+    let mut pidfile = match lock_pid_file(&pid_path) {
         Ok(Ok(held)) => held,
         Ok(Err(text)) => {
             let other = pid_of(&text).map_or("unknown".into(), |p| p.to_string());
