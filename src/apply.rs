@@ -265,29 +265,13 @@ impl Applier<'_> {
                         }
                     }
                     Ok(None) => return changed_in_replica(rel),
-                    Err(e) => {
-                        return Applied::error(
-                            rel,
-                            format!(
-                                "could not set metadata of '{rel}' in the replica: {}",
-                                reason(&e)
-                            ),
-                        )
-                    }
+                    Err(e) => return meta_error(rel, &e),
                 }
             }
             Op::DirMeta { meta } => match self.replica.fix_meta(rel, meta, None) {
                 Ok(_) => journal::action(word, rel, format_args!("")),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Applied::error(
-                        rel,
-                        format!(
-                            "could not set metadata of '{rel}' in the replica: {}",
-                            reason(&e)
-                        ),
-                    )
-                }
+                Err(e) => return meta_error(rel, &e),
             },
         }
         out
@@ -312,13 +296,7 @@ impl Applier<'_> {
                     ..Applied::default()
                 }
             }
-            Err(e) => Applied::error(
-                rel,
-                format!(
-                    "could not set metadata of '{rel}' in the replica: {}",
-                    reason(&e)
-                ),
-            ),
+            Err(e) => meta_error(rel, &e),
         }
     }
 
@@ -398,4 +376,14 @@ fn changed_in_replica(rel: &RelPath) -> Applied {
         skipped: 1,
         ..Applied::default()
     }
+}
+
+fn meta_error(rel: &RelPath, e: &io::Error) -> Applied {
+    Applied::error(
+        rel,
+        format!(
+            "could not set metadata of '{rel}' in the replica: {}",
+            reason(e)
+        ),
+    )
 }
