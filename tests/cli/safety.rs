@@ -991,3 +991,33 @@ fn replica_lock_holds_across_state_directories() {
     assert_eq!(code(&out), 4, "{}", text(&out));
     assert!(stderr(&out).contains("busy"), "{}", text(&out));
 }
+
+#[test]
+fn permission_denied_in_the_replica_fails_per_entry_and_mirrors_the_rest() {
+    let env = Env::new();
+    write(&env.src.join("open/a.txt"), b"a");
+    write(&env.src.join("locked/b.txt"), b"b");
+    env.mirror_ok(&[]);
+    write(&env.src.join("open/new.txt"), b"new");
+    write(&env.src.join("locked/new.txt"), b"blocked");
+    give_to_nobody(env.tmp.path());
+    // The replica's `locked` directory belongs to root: nobody cannot write into it.
+    let st = Command::new("chown")
+        .arg("0:0")
+        .arg(env.rep.join("locked"))
+        .status()
+        .expect("chown");
+    assert!(st.success());
+    let out = unprivileged(&env.monoshot_cmd(&[])).output().expect("run");
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let err = stderr(&out);
+    assert!(err.contains("permission denied"), "cause not named:\n{err}");
+    assert!(err.contains("'locked/new.txt'"), "path not named:\n{err}");
+    assert_eq!(
+        fs::read(env.rep.join("open/new.txt")).expect("mirrored"),
+        b"new"
+    );
+    assert_eq!(fs::read(env.rep.join("locked/b.txt")).expect("kept"), b"b");
+    assert!(!env.rep.join("locked/new.txt").exists());
+    assert_no_temps(&env.rep);
+}
