@@ -42,6 +42,12 @@ fn finish(
     Outcome { record, exit }
 }
 
+/// Ends a pass that could not start (a root is missing or unusable): exit 2, nothing changed.
+fn failed(record: PassRecord, t0: Instant, msg: String) -> Outcome {
+    log::error!("{msg}");
+    end(finish(record, t0, "failed", ExitCode::Usage, Some(msg)))
+}
+
 /// Runs one pass. `progress`: show a progress bar (the caller checked for a TTY).
 pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
     let t0 = Instant::now();
@@ -63,14 +69,7 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
 
     // 1. Check the roots.
     if let Err(e) = cfg.recheck_roots() {
-        log::error!("{e}");
-        return end(finish(
-            record,
-            t0,
-            "failed",
-            ExitCode::Usage,
-            Some(e.to_string()),
-        ));
+        return failed(record, t0, e.to_string());
     }
     let replica = Replica::new(cfg.replica.clone());
     if !cfg.dry_run {
@@ -80,8 +79,7 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
                 show(&cfg.replica),
                 reason(&e)
             );
-            log::error!("{msg}");
-            return end(finish(record, t0, "failed", ExitCode::Usage, Some(msg)));
+            return failed(record, t0, msg);
         }
     }
     let src_root = match fs::metadata(&cfg.source) {
@@ -92,8 +90,7 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
                 show(&cfg.source),
                 reason(&e)
             );
-            log::error!("{msg}");
-            return end(finish(record, t0, "failed", ExitCode::Usage, Some(msg)));
+            return failed(record, t0, msg);
         }
     };
     // Only a replica that does not exist is planned as empty: any other error (EIO, a stale
@@ -107,8 +104,7 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
                 show(&cfg.replica),
                 reason(&e)
             );
-            log::error!("{msg}");
-            return end(finish(record, t0, "failed", ExitCode::Usage, Some(msg)));
+            return failed(record, t0, msg);
         }
     };
     let root_dev = rep_root.map(|m| m.token.dev);

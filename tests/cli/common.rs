@@ -52,17 +52,23 @@ impl Env {
         self.tmp.path().join(name)
     }
 
-    /// `syncer monoshot --source S --replica R --state-dir T` plus `extra`.
-    pub fn monoshot_cmd(&self, extra: &[&str]) -> Command {
+    /// `syncer SUB --source S --replica R --state-dir T`.
+    pub fn command(&self, sub: &str) -> Command {
         let mut c = syncer();
-        c.arg("monoshot")
+        c.arg(sub)
             .arg("--source")
             .arg(&self.src)
             .arg("--replica")
             .arg(&self.rep)
             .arg("--state-dir")
-            .arg(&self.state)
-            .args(extra);
+            .arg(&self.state);
+        c
+    }
+
+    /// `syncer monoshot --source S --replica R --state-dir T` plus `extra`.
+    pub fn monoshot_cmd(&self, extra: &[&str]) -> Command {
+        let mut c = self.command("monoshot");
+        c.args(extra);
         c
     }
 

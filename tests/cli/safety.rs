@@ -103,14 +103,8 @@ impl Drop for DaemonGuard {
 
 /// Starts a daemon on the env's source and replica; returns its guard once it runs.
 fn start_daemon(env: &Env, interval: &str) -> DaemonGuard {
-    let out = syncer()
-        .arg("start")
-        .arg("--source")
-        .arg(&env.src)
-        .arg("--replica")
-        .arg(&env.rep)
-        .arg("--state-dir")
-        .arg(&env.state)
+    let out = env
+        .command("start")
         .args(["--interval", interval])
         .output()
         .expect("syncer start");
