@@ -53,6 +53,12 @@ impl Excludes {
         })
     }
 
+    /// Whether `dir/name` is excluded. Joins the path only when there are patterns: the
+    /// scan asks this for every entry of both trees.
+    pub fn excludes(&self, dir: &RelPath, name: &std::ffi::OsStr, is_dir: bool) -> bool {
+        self.matcher.is_some() && self.is_excluded(&dir.join(name), is_dir)
+    }
+
     pub fn is_excluded(&self, rel: &RelPath, is_dir: bool) -> bool {
         self.matcher
             .as_ref()

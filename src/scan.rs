@@ -92,13 +92,16 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
     let src_entries: Vec<Entry> = src_entries
         .into_iter()
         .filter(|e| {
-            let child = rel.join(&e.name);
-            if ctx.excludes.is_excluded(&child, e.meta.kind == Kind::Dir) {
+            if ctx
+                .excludes
+                .excludes(rel, &e.name, e.meta.kind == Kind::Dir)
+            {
                 return false;
             }
             if is_temp(&e.name) {
                 log::warn!(
-                    "not mirroring '{child}': names like .syncer-*.tmp are syncer's temp files"
+                    "not mirroring '{}': names like .syncer-*.tmp are syncer's temp files",
+                    rel.join(&e.name)
                 );
                 return false;
             }
@@ -107,15 +110,17 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
         .collect();
     let mut rep_kept = Vec::with_capacity(rep_entries.len());
     for e in rep_entries {
-        let child = rel.join(&e.name);
-        if ctx.excludes.is_excluded(&child, e.meta.kind == Kind::Dir) {
+        if ctx
+            .excludes
+            .excludes(rel, &e.name, e.meta.kind == Kind::Dir)
+        {
             continue;
         }
         if is_temp(&e.name) {
             // Left over by an interrupted pass (this pass holds the replica lock): removed
             // by apply, so that a refused pass still changes nothing.
             if e.meta.kind == Kind::File {
-                plan.stale_temps.push(child);
+                plan.stale_temps.push(rel.join(&e.name));
                 touched = true;
             }
             continue;
@@ -369,13 +374,12 @@ fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool) {
     entries
         .par_iter()
         .map(|e| {
-            let child = rel.join(&e.name);
             let is_dir = e.meta.kind == Kind::Dir;
-            if ctx.excludes.is_excluded(&child, is_dir) {
+            if ctx.excludes.excludes(rel, &e.name, is_dir) {
                 return (0, true);
             }
             if is_dir {
-                let (n, x) = count_tree(ctx, &child);
+                let (n, x) = count_tree(ctx, &rel.join(&e.name));
                 (n + 1, x)
             } else {
                 (1, false)
