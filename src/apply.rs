@@ -4,84 +4,74 @@
 //! 3. files, links and metadata fixes, all in parallel,
 //! 4. directory metadata, deepest first, so that no later write disturbs a parent's mtime.
 //!
-//! A failed action is logged with its path and counted, and never stops the batch (the pass
-//! ends with exit code 1). Every action writes one line to the file-I/O log.
+//! Source files are opened through the source module and handed to the replica as content;
+//! every change goes through the replica interface. A failed action is reported once with its
+//! path (`journal::report`, which counts it) and never stops the batch (the pass ends with
+//! exit code 1). Every action writes one line to the file-I/O log.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
 use crate::cancel;
-use crate::error::reason;
-use crate::fsops::{Copied, CopyError, Hint, Replica};
+use crate::error::{EntryError, Side, WriteOp};
 use crate::journal;
-use crate::model::{Hash, Kind, RelPath, Token};
+use crate::model::{show, Counts, Hash, Hint, Kind, RelPath, Token, Version};
 use crate::plan::{Action, Op, Plan, Reason};
+use crate::replica::{CopyError, Installed, Replica};
+use crate::source::SourceTree;
 
-/// Files applied between two cache commits (each preceded by a `syncfs`).
+/// Files applied between two cache commits (each preceded by a commit of the replica).
 const CHUNK_ACTIONS: usize = 4096;
 
 pub struct Applier<'a> {
-    pub source: &'a Path,
-    pub replica: &'a Replica,
-    /// `<backup-dir>/<pass start>` when `--backup-dir` is set.
+    pub source: &'a dyn SourceTree,
+    pub replica: &'a dyn Replica,
+    /// `<backup-dir>/<pass start>` when `--backup-dir` is set (for the log lines; the
+    /// replica was opened with it).
     pub backup: Option<PathBuf>,
     pub bar: Option<ProgressBar>,
 }
 
 /// A file this pass wrote: what the cache records for it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Written {
     pub src: Token,
-    pub rep: Token,
+    pub rep: Version,
     pub hash: Hash,
 }
 
 #[derive(Default, Debug)]
 pub struct Applied {
-    pub created: u64,
-    pub updated: u64,
-    pub drifted: u64,
-    pub deleted: u64,
-    pub meta: u64,
-    pub links: u64,
-    pub dirs_created: u64,
-    pub bytes: u64,
-    pub errors: u64,
-    pub skipped: u64,
+    pub counts: Counts,
     pub written: Vec<(RelPath, Written)>,
-    /// Replica tokens changed by a metadata fix.
-    pub fixed: Vec<(RelPath, Token)>,
+    /// Replica versions changed by a metadata fix.
+    pub fixed: Vec<(RelPath, Version)>,
     /// Directory trees removed from the replica.
     pub dropped: Vec<RelPath>,
 }
 
 impl Applied {
     fn merge(mut self, o: Applied) -> Applied {
-        self.created += o.created;
-        self.updated += o.updated;
-        self.drifted += o.drifted;
-        self.deleted += o.deleted;
-        self.meta += o.meta;
-        self.links += o.links;
-        self.dirs_created += o.dirs_created;
-        self.bytes += o.bytes;
-        self.errors += o.errors;
-        self.skipped += o.skipped;
+        self.counts += o.counts;
         self.written.extend(o.written);
         self.fixed.extend(o.fixed);
         self.dropped.extend(o.dropped);
         self
     }
 
-    fn error(rel: &RelPath, message: String) -> Applied {
-        journal::entry_error(rel, &message);
+    fn counted(counts: Counts) -> Applied {
         Applied {
-            errors: 1,
+            counts,
             ..Applied::default()
         }
+    }
+
+    /// A per-entry failure or skip: reported once, counted.
+    fn problem(e: EntryError) -> Applied {
+        Applied::counted(journal::report(&e))
     }
 }
 
@@ -95,7 +85,7 @@ pub fn describe(action: &Action) -> (&'static str, String) {
         Op::Delete { .. } => ("DELETE", String::new()),
         Op::Mkdir => ("MKDIR", String::new()),
         Op::Copy { reason, size, .. } => (reason.word(), format!(" size={size}")),
-        Op::Link(l) => ("LINK", format!(" -> {}", crate::model::show(&l.target))),
+        Op::Link(l) => ("LINK", format!(" -> {}", show(&l.target))),
         Op::Meta { .. } | Op::DirMeta { .. } => ("META", String::new()),
     }
 }
@@ -107,7 +97,7 @@ impl Applier<'_> {
     pub fn apply(
         &self,
         plan: &Plan,
-        mut commit: impl FnMut(Vec<(RelPath, Written)>, Vec<(RelPath, Token)>),
+        mut commit: impl FnMut(Vec<(RelPath, Written)>, Vec<(RelPath, Version)>),
     ) -> Applied {
         let mut deletes = Vec::new();
         let mut mkdirs = Vec::new();
@@ -127,12 +117,12 @@ impl Applier<'_> {
                 .reduce(Applied::default, Applied::merge)
         };
         for temp in &plan.stale_temps {
-            match self.replica.remove_temp(temp) {
+            match self.replica.remove(temp, Kind::File) {
                 Ok(()) => log::debug!("removed leftover temp file '{temp}'"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => log::warn!(
                     "could not remove leftover temp file '{temp}': {}",
-                    reason(&e)
+                    crate::error::reason(&e)
                 ),
             }
         }
@@ -156,6 +146,12 @@ impl Applier<'_> {
         done
     }
 
+    fn backup_line(&self, rel: &RelPath) {
+        if let Some(dir) = &self.backup {
+            journal::action("BACKUP", rel, format_args!(" -> {}", show(&rel.under(dir))));
+        }
+    }
+
     fn one(&self, action: &Action) -> Applied {
         if cancel::requested() {
             return Applied::default();
@@ -165,48 +161,32 @@ impl Applier<'_> {
         let mut out = Applied::default();
         match &action.op {
             Op::Delete { kind, entries } => {
-                let result = match &self.backup {
-                    Some(dir) => self.replica.backup(rel, dir).inspect(|_| {
-                        journal::action(
-                            "BACKUP",
-                            rel,
-                            format_args!(" -> {}", crate::model::show(&rel.under(dir))),
-                        )
-                    }),
-                    None => self.replica.remove(rel, *kind),
+                let result = if self.backup.is_some() {
+                    self.replica
+                        .backup(rel, false)
+                        .inspect(|_| self.backup_line(rel))
+                } else {
+                    self.replica.remove(rel, *kind)
                 };
                 match result {
                     Ok(()) => {
                         journal::action(word, rel, format_args!("{detail}"));
-                        out.deleted += entries;
+                        out.counts.deleted += entries;
                         if *kind == Kind::Dir {
                             out.dropped.push(rel.clone());
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Applied::error(
-                            rel,
-                            format!("could not delete '{rel}' from the replica: {}", reason(&e)),
-                        )
-                    }
+                    Err(e) => return Applied::problem(EntryError::write(WriteOp::Delete, rel, e)),
                 }
             }
             Op::Mkdir => match self.replica.mkdir(rel) {
                 Ok(()) => {
                     journal::action(word, rel, format_args!(""));
-                    out.dirs_created += 1;
+                    out.counts.dirs_created += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Applied::error(
-                        rel,
-                        format!(
-                            "could not create directory '{rel}' in the replica: {}",
-                            reason(&e)
-                        ),
-                    )
-                }
+                Err(e) => return Applied::problem(EntryError::write(WriteOp::Mkdir, rel, e)),
             },
             Op::Copy {
                 reason: why,
@@ -214,81 +194,70 @@ impl Applier<'_> {
                 overwrites,
                 size,
             } => {
-                if *overwrites {
-                    if let Some(dir) = &self.backup {
-                        if let Err(e) = self.replica.backup_copy(rel, dir) {
-                            return Applied::error(
-                                rel,
-                                format!(
-                                    "could not back up '{rel}' before overwriting it: {}",
-                                    reason(&e)
-                                ),
-                            );
-                        }
-                        journal::action(
-                            "BACKUP",
-                            rel,
-                            format_args!(" -> {}", crate::model::show(&rel.under(dir))),
-                        );
+                if *overwrites && self.backup.is_some() {
+                    if let Err(e) = self.replica.backup(rel, true) {
+                        return Applied::problem(EntryError::write(WriteOp::Backup, rel, e));
                     }
+                    self.backup_line(rel);
                 }
-                out = self.copy(rel, *why, hint.as_deref().copied());
+                out = self.copy(rel, *why, hint.as_deref());
                 if let Some(bar) = &self.bar {
                     bar.inc(*size);
                 }
             }
-            Op::Link(l) => match self.replica.install_link(rel, &l.target, &l.meta) {
+            Op::Link(l) => match self.replica.symlink(rel, &l.target, &l.meta) {
                 Ok(()) => {
                     journal::action(word, rel, format_args!("{detail}"));
-                    out.links += 1;
+                    out.counts.links += 1;
                     if l.reason == Reason::Create {
-                        out.created += 1;
+                        out.counts.created += 1;
                     }
                 }
-                Err(e) => {
-                    return Applied::error(
-                        rel,
-                        format!(
-                            "could not create symlink '{rel}' in the replica: {}",
-                            reason(&e)
-                        ),
-                    )
-                }
+                Err(e) => return Applied::problem(EntryError::write(WriteOp::Symlink, rel, e)),
             },
-            Op::Meta { meta, rep } => {
-                match self.replica.fix_meta(rel, meta, rep.as_deref().copied()) {
-                    Ok(Some(token)) => {
-                        journal::action(word, rel, format_args!(""));
-                        out.meta += 1;
-                        if meta.kind == Kind::File {
-                            out.fixed.push((rel.clone(), token));
-                        }
+            Op::Meta { meta, rep } => match self.replica.set_meta(rel, meta, rep.as_deref()) {
+                Ok(Some(version)) => {
+                    journal::action(word, rel, format_args!(""));
+                    out.counts.meta += 1;
+                    if meta.kind == Kind::File {
+                        out.fixed.push((rel.clone(), version));
                     }
-                    Ok(None) => return changed_in_replica(rel),
-                    Err(e) => return meta_error(rel, &e),
                 }
-            }
-            Op::DirMeta { meta } => match self.replica.fix_meta(rel, meta, None) {
+                Ok(None) => {
+                    return Applied::problem(EntryError::ChangedInReplica { rel: rel.clone() })
+                }
+                Err(e) => return Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
+            },
+            Op::DirMeta { meta } => match self.replica.set_meta(rel, meta, None) {
                 Ok(_) => journal::action(word, rel, format_args!("")),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return meta_error(rel, &e),
+                Err(e) => return Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
             },
         }
         out
     }
 
     /// The copy found the content equal to the replica's: fix metadata only.
-    fn unchanged(&self, rel: &RelPath, c: Copied) -> Applied {
-        match self.replica.fix_meta(rel, &c.meta, Some(c.rep)) {
-            Ok(None) => changed_in_replica(rel),
+    fn unchanged(
+        &self,
+        rel: &RelPath,
+        meta: &crate::model::Meta,
+        src: Token,
+        c: Installed,
+    ) -> Applied {
+        match self.replica.set_meta(rel, meta, Some(&c.version)) {
+            Ok(None) => Applied::problem(EntryError::ChangedInReplica { rel: rel.clone() }),
             Ok(Some(rep)) => {
                 journal::action("META", rel, format_args!(""));
                 Applied {
-                    meta: 1,
+                    counts: Counts {
+                        meta: 1,
+                        ..Counts::default()
+                    },
                     written: vec![(
                         rel.clone(),
                         Written {
-                            src: c.src,
+                            src,
                             rep,
                             hash: c.hash,
                         },
@@ -296,94 +265,93 @@ impl Applier<'_> {
                     ..Applied::default()
                 }
             }
-            Err(e) => meta_error(rel, &e),
+            Err(e) => Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
         }
     }
 
     /// Copies one file, retrying once if the source changes during the copy.
-    fn copy(&self, rel: &RelPath, why: Reason, hint: Option<Hint>) -> Applied {
-        let src = rel.under(self.source);
-        let mut hint = hint;
+    fn copy(&self, rel: &RelPath, why: Reason, hint: Option<&Hint>) -> Applied {
+        let mut known = match hint {
+            Some(Hint::Known(token, hash)) => Some((*token, *hash)),
+            _ => None,
+        };
+        let unless = match hint {
+            Some(Hint::Unless(hash, version)) => Some((hash, version)),
+            _ => None,
+        };
         for _ in 0..2 {
-            match self.replica.install_file(rel, &src, hint) {
-                Ok(c) if c.unchanged => return self.unchanged(rel, c),
+            let mut content = match self.source.open_file(rel, known) {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Applied::problem(EntryError::Vanished {
+                        side: Side::Source,
+                        rel: rel.clone(),
+                        copying: true,
+                    })
+                }
+                Err(e) => {
+                    return Applied::problem(EntryError::Read {
+                        side: Side::Source,
+                        what: Kind::File,
+                        rel: rel.clone(),
+                        cause: e,
+                    })
+                }
+            };
+            let meta = *content.meta();
+            let src = content.token();
+            match self.replica.install_file(rel, content.as_mut(), unless) {
+                Ok(c) if c.unchanged => return self.unchanged(rel, &meta, src, c),
                 Ok(c) => {
                     journal::action(
                         why.word(),
                         rel,
                         format_args!(" size={} sha256={}", c.bytes, c.hash),
                     );
-                    let mut out = Applied {
-                        bytes: c.bytes,
-                        ..Applied::default()
+                    let mut counts = Counts {
+                        bytes_copied: c.bytes,
+                        ..Counts::default()
                     };
                     match why {
-                        Reason::Create => out.created = 1,
-                        Reason::Update => out.updated = 1,
-                        Reason::Drift => out.drifted = 1,
+                        Reason::Create => counts.created = 1,
+                        Reason::Update => counts.updated = 1,
+                        Reason::Drift => counts.drifted = 1,
                     }
-                    out.written.push((
-                        rel.clone(),
-                        Written {
-                            src: c.src,
-                            rep: c.rep,
-                            hash: c.hash,
-                        },
-                    ));
-                    return out;
-                }
-                // A changed source invalidates a known hash, not the replica's.
-                Err(CopyError::Changed) => hint = hint.filter(|h| matches!(h, Hint::Unless(..))),
-                Err(CopyError::Source(e)) if e.kind() == io::ErrorKind::NotFound => {
-                    journal::entry_skip(rel, "vanished from the source before it could be copied");
                     return Applied {
-                        skipped: 1,
+                        counts,
+                        written: vec![(
+                            rel.clone(),
+                            Written {
+                                src,
+                                rep: c.version,
+                                hash: c.hash,
+                            },
+                        )],
                         ..Applied::default()
                     };
                 }
+                // A changed source invalidates a known hash, not the replica's.
+                Err(CopyError::Changed) => known = None,
+                Err(CopyError::Source(e)) if e.kind() == io::ErrorKind::NotFound => {
+                    return Applied::problem(EntryError::Vanished {
+                        side: Side::Source,
+                        rel: rel.clone(),
+                        copying: true,
+                    })
+                }
                 Err(CopyError::Source(e)) => {
-                    return Applied::error(
-                        rel,
-                        format!("could not read source file '{rel}': {}", reason(&e)),
-                    )
+                    return Applied::problem(EntryError::Read {
+                        side: Side::Source,
+                        what: Kind::File,
+                        rel: rel.clone(),
+                        cause: e,
+                    })
                 }
                 Err(CopyError::Replica(e)) => {
-                    return Applied::error(
-                        rel,
-                        format!("could not copy '{rel}' into the replica: {}", reason(&e)),
-                    )
+                    return Applied::problem(EntryError::write(WriteOp::Copy, rel, e))
                 }
             }
         }
-        journal::entry_skip(
-            rel,
-            "changed while it was copied (tried twice); the next pass takes it",
-        );
-        Applied {
-            skipped: 1,
-            ..Applied::default()
-        }
+        Applied::problem(EntryError::ChangedDuringCopy { rel: rel.clone() })
     }
-}
-
-/// A replica file changed between the scan and its metadata fix: leave it to the next pass.
-fn changed_in_replica(rel: &RelPath) -> Applied {
-    journal::entry_skip(
-        rel,
-        "changed in the replica during the pass; the next pass takes it",
-    );
-    Applied {
-        skipped: 1,
-        ..Applied::default()
-    }
-}
-
-fn meta_error(rel: &RelPath, e: &io::Error) -> Applied {
-    Applied::error(
-        rel,
-        format!(
-            "could not set metadata of '{rel}' in the replica: {}",
-            reason(e)
-        ),
-    )
 }

@@ -290,24 +290,7 @@ fn check_source(path: &Path) -> Result<PathBuf> {
 }
 
 fn check_replica(path: &Path, source: &Path) -> Result<PathBuf> {
-    let canon = resolve_existing_prefix(path);
-    match fs::symlink_metadata(&canon) {
-        Ok(m) if !m.is_dir() => {
-            return Err(Error::Usage(format!(
-                "replica '{}' exists and is not a directory",
-                show(path)
-            )));
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::Usage(format!(
-                "replica '{}' cannot be used: {}",
-                show(path),
-                reason(&e)
-            )))
-        }
-    }
+    let canon = crate::replica::check_root(path).map_err(Error::Usage)?;
     if canon == source {
         return Err(Error::Usage(format!(
             "source and replica are the same directory '{}'",

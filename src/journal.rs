@@ -16,7 +16,8 @@ use indicatif::ProgressBar;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 use crate::config::Verbosity;
-use crate::model::RelPath;
+use crate::error::EntryError;
+use crate::model::{Counts, RelPath};
 
 const IO: &str = "io";
 const SCHEDULE: &str = "schedule";
@@ -129,18 +130,27 @@ pub fn action(word: &str, rel: &RelPath, detail: std::fmt::Arguments) {
     log::info!(target: IO, "{word} {rel}{detail}");
 }
 
-/// A per-entry error: an `ERROR` line in the file-I/O log; the message (which names the
-/// path) on stderr and in the schedule log.
-pub fn entry_error(rel: &RelPath, message: &str) {
-    log::error!(target: IO, "ERROR {rel} {message}");
-    log::error!(target: ENTRY, "{message}");
-}
-
-/// A per-entry skip (changed during copy, vanished): a `SKIP` line in the file-I/O log and a
-/// warning naming the path on stderr and in the schedule log.
-pub fn entry_skip(rel: &RelPath, message: &str) {
-    log::warn!(target: IO, "SKIP {rel} {message}");
-    log::warn!(target: ENTRY, "skipped '{rel}': {message}");
+/// Reports a per-entry problem, the one place they are printed, and counts it (the count is
+/// what makes the pass's exit code 1). An error: an `ERROR` line in the file-I/O log and the
+/// message (which names the path) on stderr and in the schedule log. A skip (changed during
+/// the copy, vanished): a `SKIP` line and a warning naming the path.
+pub fn report(problem: &EntryError) -> Counts {
+    let rel = problem.rel();
+    if problem.is_skip() {
+        log::warn!(target: IO, "SKIP {rel} {problem}");
+        log::warn!(target: ENTRY, "skipped '{rel}': {problem}");
+        Counts {
+            skipped: 1,
+            ..Counts::default()
+        }
+    } else {
+        log::error!(target: IO, "ERROR {rel} {problem}");
+        log::error!(target: ENTRY, "{problem}");
+        Counts {
+            errors: 1,
+            ..Counts::default()
+        }
+    }
 }
 
 /// A schedule log line.

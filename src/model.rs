@@ -1,7 +1,9 @@
-//! Plain data shared by every stage of a pass: relative paths, entry kinds, stat tokens,
-//! metadata and content hashes. Nothing here does I/O beyond converting a `std::fs::Metadata`.
+//! Plain data shared by every stage of a pass: relative paths, entry kinds, source stat
+//! tokens and opaque replica versions, metadata, content hashes and copy hints. Nothing here
+//! does I/O beyond converting a `std::fs::Metadata`.
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::Metadata;
@@ -114,22 +116,34 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind of a `st_mode` value.
+    pub fn of_mode(mode: u32) -> Kind {
+        match mode & 0o170000 {
+            0o100000 => Kind::File,
+            0o040000 => Kind::Dir,
+            0o120000 => Kind::Symlink,
+            _ => Kind::Special,
+        }
+    }
+
     pub fn of(meta: &Metadata) -> Kind {
-        let ft = meta.file_type();
-        if ft.is_file() {
-            Kind::File
-        } else if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else {
-            Kind::Special
+        Kind::of_mode(meta.mode())
+    }
+
+    /// The word messages use for it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::File => "regular file",
+            Kind::Dir => "directory",
+            Kind::Symlink => "symlink",
+            Kind::Special => "special file",
         }
     }
 }
 
-/// A file's identity and version as the kernel reports it. Any write to a file changes its
-/// ctime, so an equal token means the content has not changed since it was last hashed.
+/// A local file's identity and version as the kernel reports it. Any write to a file changes
+/// its ctime, so an equal token means the content has not changed since it was last hashed.
+/// This is the source side's version of a file, and what a local replica's [`Version`] holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Token {
     pub dev: u64,
@@ -151,17 +165,50 @@ impl Token {
             ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
         }
     }
+
+    /// The token as an opaque replica version (what a local replica reports).
+    pub fn to_version(&self) -> Version {
+        let mut v = SmallVec::new();
+        for x in [self.dev, self.ino, self.size] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        for x in [self.mtime_ns, self.ctime_ns] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        Version(v)
+    }
+}
+
+/// A replica's version of an entry: opaque bytes that only the replica implementation
+/// interprets (a local replica: device, inode, size, mtime and ctime; an object store: ETag
+/// and size). Two equal versions mean the entry was not changed in between; the cache stores
+/// the version it last saw, so a different one is drift. Inline up to 40 bytes: an idle pass
+/// reads one per replica file, and must not allocate for each.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, Hash)]
+pub struct Version(pub SmallVec<[u8; 40]>);
+
+impl Version {
+    pub fn from_bytes(b: &[u8]) -> Version {
+        Version(SmallVec::from_slice(b))
+    }
 }
 
 /// A moment as seconds and nanoseconds since the epoch, as `stat` gives it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Stamp {
     pub sec: i64,
     pub nsec: i64,
 }
 
-/// The metadata syncer mirrors, plus the stat token used by the hash cache.
-#[derive(Clone, Copy, Debug)]
+impl Stamp {
+    pub fn as_ns(self) -> i128 {
+        self.sec as i128 * 1_000_000_000 + self.nsec as i128
+    }
+}
+
+/// The metadata syncer mirrors, as either side reports it. Portable: nothing here is
+/// specific to a local filesystem (the source's stat token travels beside it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Meta {
     pub kind: Kind,
     /// Permission bits, including setuid/setgid/sticky (`mode & 0o7777`).
@@ -171,7 +218,6 @@ pub struct Meta {
     pub size: u64,
     pub mtime: Stamp,
     pub atime: Stamp,
-    pub token: Token,
 }
 
 impl Meta {
@@ -190,7 +236,6 @@ impl Meta {
                 sec: meta.atime(),
                 nsec: meta.atime_nsec(),
             },
-            token: Token::of(meta),
         }
     }
 }
@@ -214,15 +259,86 @@ impl fmt::Debug for Hash {
     }
 }
 
-/// One directory entry as seen by the scan: its name and its `lstat`.
+/// One directory entry as a side lists it: its name, its metadata (never following a
+/// symlink) and that side's version of it (`Token` for the source, `Version` for a replica).
 #[derive(Clone, Debug)]
-pub struct Entry {
+pub struct Entry<V> {
     pub name: OsString,
     pub meta: Meta,
+    pub version: V,
+}
+
+/// A source entry: its version is the local stat token.
+pub type SrcEntry = Entry<Token>;
+/// A replica entry: its version is what the replica implementation reports.
+pub type RepEntry = Entry<Version>;
+
+/// What this pass already knows about a file it is about to copy (plain data for the plan).
+#[derive(Clone, Debug)]
+pub enum Hint {
+    /// The source's token and hash, hashed by this pass: if the token still matches, the
+    /// content is copied without hashing it again (in the kernel, for a local replica).
+    Known(Token, Hash),
+    /// The replica already holds content with this hash (a large file whose source token
+    /// changed): the copy hashes the source as it goes, and if the hash turns out equal and
+    /// the replica entry still has this version, nothing is installed and only metadata is
+    /// fixed.
+    Unless(Hash, Version),
 }
 
 /// True for syncer's own temporary files (`.syncer-*.tmp`), which are never mirrored.
 pub fn is_temp_name(name: &OsStr) -> bool {
     let b = name.as_bytes();
     b.starts_with(b".syncer-") && b.ends_with(b".tmp")
+}
+
+/// What a pass did, counted: shared by the pass's outcome, its summary line and the job
+/// status (flattened into `PassRecord`, so the JSON keeps one flat object).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub created: u64,
+    pub updated: u64,
+    pub drifted: u64,
+    pub deleted: u64,
+    pub meta: u64,
+    pub links: u64,
+    pub dirs_created: u64,
+    pub bytes_copied: u64,
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+    pub errors: u64,
+    pub skipped: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.created += o.created;
+        self.updated += o.updated;
+        self.drifted += o.drifted;
+        self.deleted += o.deleted;
+        self.meta += o.meta;
+        self.links += o.links;
+        self.dirs_created += o.dirs_created;
+        self.bytes_copied += o.bytes_copied;
+        self.hashed_files += o.hashed_files;
+        self.hashed_bytes += o.hashed_bytes;
+        self.errors += o.errors;
+        self.skipped += o.skipped;
+    }
+}
+
+/// Counts of content actually read to hash it: the proof that the cache works.
+#[derive(Default)]
+pub struct HashCounters {
+    pub files: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+impl HashCounters {
+    /// Counts one file of `bytes` bytes read and hashed.
+    pub fn add(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.files.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
 }

@@ -1,22 +1,26 @@
-//! One pass, end to end: check the roots, scan and compare, guard, apply, commit. Returns a
-//! `PassRecord` and the exit code; never panics on bad input and never exits the process.
-//! Shared by `monoshot` and the daemon loop.
+//! One pass, end to end, one method per stage: check the roots, scan and compare, guard,
+//! apply, commit. Returns a `PassRecord` and the exit code; never panics on bad input and
+//! never exits the process. Shared by `monoshot` and the daemon loop.
+//!
+//! The source is reached through `source::LocalSource` and the replica through the
+//! `replica::Replica` interface only; this file never touches either tree itself.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::apply::{describe, Applier, Written};
+use crate::apply::{describe, Applied, Applier, Written};
 use crate::cancel;
+use crate::compare::Compare;
 use crate::config::Config;
 use crate::error::{reason, ExitCode};
-use crate::fsops::{HashCounters, Replica};
 use crate::journal;
-use crate::model::{show, Meta, RelPath, Token};
+use crate::model::{show, HashCounters, Meta, RelPath, Version};
 use crate::plan::{Op, Plan};
-use crate::scan::{self, Ctx};
+use crate::replica::{self, Replica};
+use crate::scan::{self, Ctx, Scanned};
+use crate::source::{LocalSource, SourceTree};
 use crate::state::cache::{Cache, CachedFile, Delta, DirChange};
 use crate::state::status::PassRecord;
 
@@ -29,290 +33,322 @@ pub struct Outcome {
     pub exit: ExitCode,
 }
 
-fn finish(
-    mut record: PassRecord,
-    t0: Instant,
-    result: &str,
-    exit: ExitCode,
-    why: Option<String>,
-) -> Outcome {
-    record.duration_ms = t0.elapsed().as_millis() as u64;
-    record.result = result.to_string();
-    record.reason = why;
-    Outcome { record, exit }
-}
-
-/// Ends a pass that could not start (a root is missing or unusable): exit 2, nothing changed.
-fn failed(record: PassRecord, t0: Instant, msg: String) -> Outcome {
-    log::error!("{msg}");
-    end(finish(record, t0, "failed", ExitCode::Usage, Some(msg)))
-}
-
 /// Runs one pass. `progress`: show a progress bar (the caller checked for a TTY).
 pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
-    let t0 = Instant::now();
-    let started = SystemTime::now();
-    let started_ns = started
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64);
-    let mut record = PassRecord {
-        started: humantime::format_rfc3339_millis(started).to_string(),
-        dry_run: cfg.dry_run,
-        ..PassRecord::default()
-    };
-    journal::schedule(format_args!(
-        "PASS START source '{}' replica '{}'{}",
-        show(&cfg.source),
-        show(&cfg.replica),
-        if cfg.dry_run { " (dry run)" } else { "" }
-    ));
+    Pass::new(cfg, cache).run(progress)
+}
 
-    // 1. Check the roots.
-    if let Err(e) = cfg.recheck_roots() {
-        return failed(record, t0, e.to_string());
-    }
-    let replica = Replica::new(cfg.replica.clone());
-    if !cfg.dry_run {
-        if let Err(e) = replica.create_root() {
-            let msg = format!(
-                "could not create replica '{}': {}",
-                show(&cfg.replica),
-                reason(&e)
-            );
-            return failed(record, t0, msg);
+/// The two trees, opened for this pass.
+struct Trees {
+    source: LocalSource,
+    replica: Box<dyn Replica>,
+    src_root: Meta,
+    /// `None`: the replica does not exist yet (a dry run of a first pass).
+    rep_root: Option<Meta>,
+}
+
+struct Pass<'a> {
+    cfg: &'a Config,
+    cache: &'a Cache,
+    t0: Instant,
+    started: SystemTime,
+    started_ns: i64,
+    record: PassRecord,
+}
+
+impl<'a> Pass<'a> {
+    fn new(cfg: &'a Config, cache: &'a Cache) -> Pass<'a> {
+        let started = SystemTime::now();
+        Pass {
+            cfg,
+            cache,
+            t0: Instant::now(),
+            started,
+            started_ns: started
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64),
+            record: PassRecord {
+                started: humantime::format_rfc3339_millis(started).to_string(),
+                dry_run: cfg.dry_run,
+                ..PassRecord::default()
+            },
         }
     }
-    let src_root = match fs::metadata(&cfg.source) {
-        Ok(m) => Meta::of(&m),
-        Err(e) => {
-            let msg = format!(
+
+    fn run(mut self, progress: bool) -> Outcome {
+        let cfg = self.cfg;
+        journal::schedule(format_args!(
+            "PASS START source '{}' replica '{}'{}",
+            show(&cfg.source),
+            show(&cfg.replica),
+            if cfg.dry_run { " (dry run)" } else { "" }
+        ));
+        let trees = match self.check() {
+            Ok(t) => t,
+            Err(msg) => {
+                log::error!("{msg}");
+                return self.end("failed", ExitCode::Usage, Some(msg));
+            }
+        };
+        let scanned = self.scan(&trees);
+        if cancel::requested() {
+            return self.interrupted();
+        }
+        if let Err(why) = cfg.guard.check(&scanned.plan) {
+            log::error!("{why}");
+            journal::schedule(format_args!("PASS REFUSED {why}"));
+            return self.end("refused", ExitCode::Refused, Some(why));
+        }
+        if cfg.dry_run {
+            return self.dry_run(&scanned.plan);
+        }
+        self.apply_and_commit(&trees, scanned, progress)
+    }
+
+    /// The backup folder of this pass: milliseconds, so two passes within one second never
+    /// share one.
+    fn backup_dir(&self) -> Option<std::path::PathBuf> {
+        let stamp = humantime::format_rfc3339_millis(self.started)
+            .to_string()
+            .replace(':', "-");
+        self.cfg.backup_dir.as_ref().map(|d| d.join(stamp))
+    }
+
+    /// 1. Check the roots and open both trees. `Err` is the one-line reason (exit 2).
+    fn check(&self) -> Result<Trees, String> {
+        let cfg = self.cfg;
+        cfg.recheck_roots().map_err(|e| e.to_string())?;
+        let source = LocalSource::open(&cfg.source).map_err(|e| {
+            format!(
                 "could not read source '{}': {}",
                 show(&cfg.source),
                 reason(&e)
-            );
-            return failed(record, t0, msg);
-        }
-    };
-    // Only a replica that does not exist is planned as empty: any other error (EIO, a stale
-    // NFS handle) would make every file a create and bypass --backup-dir.
-    let rep_root = match fs::metadata(&cfg.replica) {
-        Ok(m) => Some(Meta::of(&m)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            let msg = format!(
+            )
+        })?;
+        let src_root = source.root().map_err(|e| {
+            format!(
+                "could not read source '{}': {}",
+                show(&cfg.source),
+                reason(&e)
+            )
+        })?;
+        // Only a replica that does not exist is planned as empty: any other error (EIO, a
+        // stale NFS handle) would make every file a create and bypass --backup-dir.
+        let verb = if cfg.dry_run { "read" } else { "create" };
+        let replica =
+            replica::open(&cfg.replica, !cfg.dry_run, self.backup_dir()).map_err(|e| {
+                format!(
+                    "could not {verb} replica '{}': {}",
+                    show(&cfg.replica),
+                    reason(&e)
+                )
+            })?;
+        let rep_root = replica.root().map_err(|e| {
+            format!(
                 "could not read replica '{}': {}",
                 show(&cfg.replica),
                 reason(&e)
-            );
-            return failed(record, t0, msg);
+            )
+        })?;
+        Ok(Trees {
+            source,
+            replica,
+            src_root,
+            rep_root,
+        })
+    }
+
+    /// 2–4. Scan, compare and plan; report what could not be read.
+    fn scan(&mut self, trees: &Trees) -> Scanned {
+        let counters = HashCounters::default();
+        let snapshot = self.cache.snapshot();
+        let ctx = Ctx {
+            compare: Compare {
+                source: &trees.source,
+                replica: trees.replica.as_ref(),
+                caps: trees.replica.capabilities(),
+                counters: &counters,
+                checksum: self.cfg.checksum,
+                racy_after_ns: self.racy_after_ns(),
+            },
+            excludes: &self.cfg.excludes,
+            recall: &snapshot,
+        };
+        let scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
+        let c = &mut self.record.counts;
+        c.hashed_files = counters.files.load(std::sync::atomic::Ordering::Relaxed);
+        c.hashed_bytes = counters.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        for p in &scanned.plan.problems {
+            *c += journal::report(p);
         }
-    };
-    let root_dev = rep_root.map(|m| m.token.dev);
-
-    // 2-4. Scan, compare, plan.
-    let counters = HashCounters::default();
-    let snapshot = cache.snapshot();
-    let ctx = Ctx {
-        source: &cfg.source,
-        replica: &replica,
-        excludes: &cfg.excludes,
-        snapshot: &snapshot,
-        counters: &counters,
-        checksum: cfg.checksum,
-        dry_run: cfg.dry_run,
-        racy_after_ns: started_ns - RACY_WINDOW_NS,
-    };
-    let mut plan = scan::scan(&ctx, &src_root, rep_root.as_ref());
-    drop(snapshot);
-    record.hashed_files = counters.files.load(std::sync::atomic::Ordering::Relaxed);
-    record.hashed_bytes = counters.bytes.load(std::sync::atomic::Ordering::Relaxed);
-    for p in &plan.problems {
-        if p.vanished {
-            journal::entry_skip(&p.rel, &p.message);
-            record.skipped += 1;
-        } else {
-            journal::entry_error(&p.rel, &p.message);
-            record.errors += 1;
-        }
-    }
-    if cancel::requested() {
-        return end(finish(
-            record,
-            t0,
-            "interrupted",
-            ExitCode::Partial,
-            Some("interrupted".into()),
-        ));
+        scanned
     }
 
-    // 5. Guard.
-    if let Err(why) = cfg.guard.check(&plan) {
-        log::error!("{why}");
-        journal::schedule(format_args!("PASS REFUSED {why}"));
-        return end(finish(record, t0, "refused", ExitCode::Refused, Some(why)));
+    fn racy_after_ns(&self) -> i64 {
+        self.started_ns - RACY_WINDOW_NS
     }
 
-    if cfg.dry_run {
+    /// A dry run prints the plan instead of applying it.
+    fn dry_run(self, plan: &Plan) -> Outcome {
         for a in &plan.actions {
             let (word, detail) = describe(a);
             journal::plan_line(format_args!("would {word} {}{detail}", a.rel));
         }
-        let exit = if plan.problems.is_empty() {
-            ExitCode::Ok
-        } else {
-            ExitCode::Partial
-        };
-        let result = if exit == ExitCode::Ok {
-            "ok"
-        } else {
-            "partial"
-        };
-        return end(finish(record, t0, result, exit, None));
+        self.conclude()
     }
 
-    // 6. Apply.
-    // Milliseconds: two passes within one second must not share a backup folder.
-    let pass_stamp = humantime::format_rfc3339_millis(started)
-        .to_string()
-        .replace(':', "-");
-    let bar = progress.then(|| progress_bar(&plan));
-    journal::set_bar(bar.clone());
-    let applier = Applier {
-        source: &cfg.source,
-        replica: &replica,
-        backup: cfg.backup_dir.as_ref().map(|d| d.join(&pass_stamp)),
-        bar: bar.clone(),
-    };
-    // 7. Commit, chunk by chunk: data durable first (syncfs), then the cache may vouch for
-    // it. Each chunk's commit runs on a second thread while the next chunk is copied, so the
-    // copy never waits for the disk; at most one finished chunk waits for its commit.
-    let racy_after_ns = started_ns - RACY_WINDOW_NS;
-    let drafts: HashMap<RelPath, Delta> = std::mem::take(&mut plan.drafts)
-        .into_iter()
-        .map(|d| (d.dir, d.delta))
-        .collect();
-    let (tx, rx) =
-        std::sync::mpsc::sync_channel::<(Vec<(RelPath, Written)>, Vec<(RelPath, Token)>)>(1);
-    let (done, drafts, mut sync_error) = std::thread::scope(|scope| {
-        let replica = &replica;
-        let committer = scope.spawn(move || {
-            let mut drafts = drafts;
-            let mut sync_error: Option<String> = None;
-            for (written, fixed) in rx {
-                if sync_error.is_some() {
-                    continue;
-                }
-                // The root's filesystem, and any other one mounted inside the replica that
-                // this chunk wrote to.
-                let mut others: BTreeMap<u64, RelPath> = BTreeMap::new();
-                for (rel, w) in &written {
-                    if Some(w.rep.dev) != root_dev {
-                        others
-                            .entry(w.rep.dev)
-                            .or_insert_with(|| rel.parent().unwrap_or_default());
-                    }
-                }
-                let synced = replica
-                    .sync()
-                    .and_then(|()| others.values().try_for_each(|dir| replica.sync_at(dir)));
-                if let Err(e) = synced {
-                    sync_error = Some(format!(
-                        "could not flush the replica '{}' to disk: {}",
-                        show(&cfg.replica),
-                        reason(&e)
-                    ));
-                    continue;
-                }
-                if let Err(e) =
-                    cache.record_chunk(group_by_dir(written, fixed, racy_after_ns), &mut drafts)
-                {
-                    log::warn!("could not update the hash cache: {e}; the next pass hashes again");
-                }
-            }
-            (drafts, sync_error)
-        });
-        let done = applier.apply(&plan, |written, fixed| {
-            if !(written.is_empty() && fixed.is_empty()) {
-                let _ = tx.send((written, fixed));
-            }
-        });
-        drop(tx);
-        let (drafts, sync_error) = committer.join().expect("the commit thread does not panic");
-        (done, drafts, sync_error)
-    });
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    journal::set_bar(None);
-    record.created = done.created;
-    record.updated = done.updated;
-    record.drifted = done.drifted;
-    record.deleted = done.deleted;
-    record.meta = done.meta;
-    record.links = done.links;
-    record.dirs_created = done.dirs_created;
-    record.bytes_copied = done.bytes;
-    record.errors += done.errors;
-    record.skipped += done.skipped;
-    if cancel::requested() {
-        return end(finish(
-            record,
-            t0,
-            "interrupted",
-            ExitCode::Partial,
-            Some("interrupted".into()),
-        ));
-    }
-    if sync_error.is_none() && !plan.is_empty() {
-        if let Err(e) = replica.sync() {
-            sync_error = Some(format!(
+    /// 6–7. Apply, chunk by chunk, each chunk made durable (the replica's commit) before the
+    /// cache may vouch for it. Each chunk's commit runs on a second thread while the next
+    /// chunk is copied, so the copy never waits for the disk; at most one finished chunk
+    /// waits for its commit.
+    fn apply_and_commit(mut self, trees: &Trees, mut scanned: Scanned, progress: bool) -> Outcome {
+        let cfg = self.cfg;
+        let replica = trees.replica.as_ref();
+        let bar = progress.then(|| progress_bar(&scanned.plan));
+        journal::set_bar(bar.clone());
+        let applier = Applier {
+            source: &trees.source,
+            replica,
+            backup: self.backup_dir(),
+            bar: bar.clone(),
+        };
+        let racy_after_ns = self.racy_after_ns();
+        let drafts: HashMap<RelPath, Delta> = std::mem::take(&mut scanned.drafts)
+            .into_iter()
+            .map(|d| (d.dir, d.delta))
+            .collect();
+        let flush_error = |e: std::io::Error| {
+            format!(
                 "could not flush the replica '{}' to disk: {}",
                 show(&cfg.replica),
                 reason(&e)
-            ));
+            )
+        };
+        let cache = self.cache;
+        type Chunk = (Vec<(RelPath, Written)>, Vec<(RelPath, Version)>);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(1);
+        let (done, drafts, mut sync_error): (Applied, _, Option<String>) =
+            std::thread::scope(|scope| {
+                let committer = scope.spawn(move || {
+                    let mut drafts = drafts;
+                    let mut sync_error = None;
+                    for (written, fixed) in rx {
+                        if sync_error.is_some() {
+                            continue;
+                        }
+                        if let Err(e) = replica.commit() {
+                            sync_error = Some(flush_error(e));
+                            continue;
+                        }
+                        let changes = group_by_dir(written, fixed, racy_after_ns);
+                        if let Err(e) = cache.record_chunk(changes, &mut drafts) {
+                            log::warn!(
+                                "could not update the hash cache: {e}; the next pass hashes again"
+                            );
+                        }
+                    }
+                    (drafts, sync_error)
+                });
+                let done = applier.apply(&scanned.plan, |written, fixed| {
+                    if !(written.is_empty() && fixed.is_empty()) {
+                        let _ = tx.send((written, fixed));
+                    }
+                });
+                drop(tx);
+                let (drafts, sync_error) =
+                    committer.join().expect("the commit thread does not panic");
+                (done, drafts, sync_error)
+            });
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        journal::set_bar(None);
+        // Applying hashes nothing beyond the copies' own digests: its counts add up.
+        self.record.counts += done.counts;
+        if cancel::requested() {
+            return self.interrupted();
+        }
+        if sync_error.is_none() && !scanned.plan.is_empty() {
+            sync_error = replica.commit().err().map(flush_error);
+        }
+        if let Some(msg) = sync_error {
+            log::error!("{msg}");
+            self.record.counts.errors += 1;
+            return self.end("partial", ExitCode::Partial, Some(msg));
+        }
+        let mut outcome = self.conclude_record();
+        let key = (self.started_ns / 1_000_000) as u64;
+        let json = serde_json::to_string(&outcome.record).unwrap_or_default();
+        if let Err(e) = cache.finish(drafts, &done.dropped, key, &json) {
+            log::warn!("could not update the hash cache: {e}; the next pass hashes again");
+        }
+        outcome.record.duration_ms = self.t0.elapsed().as_millis() as u64;
+        summary(outcome)
+    }
+
+    /// The result of a pass that ran to its end: ok, or partial when an entry failed or was
+    /// skipped. The one place that turns counts into an exit code.
+    fn verdict(&self) -> (&'static str, ExitCode) {
+        let c = &self.record.counts;
+        if c.errors == 0 && c.skipped == 0 {
+            ("ok", ExitCode::Ok)
+        } else {
+            ("partial", ExitCode::Partial)
         }
     }
-    if let Some(msg) = sync_error {
-        log::error!("{msg}");
-        record.errors += 1;
-        return end(finish(record, t0, "partial", ExitCode::Partial, Some(msg)));
+
+    fn conclude_record(&mut self) -> Outcome {
+        let (result, exit) = self.verdict();
+        self.record.duration_ms = self.t0.elapsed().as_millis() as u64;
+        self.record.result = result.to_string();
+        self.record.reason = None;
+        Outcome {
+            record: self.record.clone(),
+            exit,
+        }
     }
-    let clean = record.errors == 0 && record.skipped == 0;
-    let (result, exit) = if clean {
-        ("ok", ExitCode::Ok)
-    } else {
-        ("partial", ExitCode::Partial)
-    };
-    let mut outcome = finish(record, t0, result, exit, None);
-    let key = started_ns as u64 / 1_000_000;
-    let json = serde_json::to_string(&outcome.record).unwrap_or_default();
-    if let Err(e) = cache.finish(drafts, &done.dropped, key, &json) {
-        log::warn!("could not update the hash cache: {e}; the next pass hashes again");
+
+    fn conclude(mut self) -> Outcome {
+        let outcome = self.conclude_record();
+        summary(outcome)
     }
-    outcome.record.duration_ms = t0.elapsed().as_millis() as u64;
-    end(outcome)
+
+    fn interrupted(self) -> Outcome {
+        self.end("interrupted", ExitCode::Partial, Some("interrupted".into()))
+    }
+
+    fn end(mut self, result: &str, exit: ExitCode, why: Option<String>) -> Outcome {
+        self.record.duration_ms = self.t0.elapsed().as_millis() as u64;
+        self.record.result = result.to_string();
+        self.record.reason = why;
+        summary(Outcome {
+            record: self.record,
+            exit,
+        })
+    }
 }
 
 /// Logs the pass summary to the schedule log and returns the outcome.
-fn end(o: Outcome) -> Outcome {
+fn summary(o: Outcome) -> Outcome {
     let r = &o.record;
+    let c = &r.counts;
     journal::schedule(format_args!(
         "PASS END {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, meta {}, links {}, dirs {}, \
          copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}",
         r.result,
         r.duration_ms as f64 / 1000.0,
-        r.created,
-        r.updated,
-        r.drifted,
-        r.deleted,
-        r.meta,
-        r.links,
-        r.dirs_created,
-        r.bytes_copied,
-        r.hashed_files,
-        r.hashed_bytes,
-        r.errors,
-        r.skipped,
+        c.created,
+        c.updated,
+        c.drifted,
+        c.deleted,
+        c.meta,
+        c.links,
+        c.dirs_created,
+        c.bytes_copied,
+        c.hashed_files,
+        c.hashed_bytes,
+        c.errors,
+        c.skipped,
         r.reason.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
     ));
     o
@@ -340,7 +376,7 @@ fn progress_bar(plan: &Plan) -> ProgressBar {
 /// Groups one chunk's written files and metadata fixes by directory, as cache entries.
 fn group_by_dir(
     written: Vec<(RelPath, Written)>,
-    fixed: Vec<(RelPath, Token)>,
+    fixed: Vec<(RelPath, Version)>,
     racy_after_ns: i64,
 ) -> BTreeMap<RelPath, DirChange> {
     use std::os::unix::ffi::OsStrExt;
@@ -357,14 +393,14 @@ fn group_by_dir(
             src_racy: w.src.ctime_ns >= racy_after_ns,
         });
     }
-    for (rel, token) in fixed {
+    for (rel, version) in fixed {
         let (Some(dir), Some(name)) = (rel.parent(), rel.file_name()) else {
             continue;
         };
         out.entry(dir)
             .or_default()
             .fixed
-            .push((name.as_bytes().to_vec(), token));
+            .push((name.as_bytes().to_vec(), version));
     }
     out
 }

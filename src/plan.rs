@@ -4,9 +4,8 @@
 
 use std::path::PathBuf;
 
-use crate::fsops::Hint;
-use crate::model::{Kind, Meta, RelPath, Token};
-use crate::state::cache::Delta;
+use crate::error::EntryError;
+use crate::model::{Hint, Kind, Meta, RelPath, Version};
 
 /// Why a file is copied; also the word written to the file-I/O log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +35,7 @@ pub enum Op {
     /// Create a directory (private until its `DirMeta` runs).
     Mkdir,
     /// Copy a source file over. `hint` is what this pass already knows of its content
-    /// (see `fsops::Hint`); `size` is the scanned size (for progress).
+    /// (see `model::Hint`); `size` is the scanned size (for progress).
     Copy {
         reason: Reason,
         size: u64,
@@ -47,11 +46,11 @@ pub enum Op {
     /// Create or retarget a symlink.
     Link(Box<LinkSpec>),
     /// Fix mode, owner and times of a file or symlink whose content is already equal.
-    /// `rep` is the replica file's token that equality was established for: a file that no
-    /// longer has it is left for the next pass.
+    /// `rep` is the replica file's version that equality was established for: a file that
+    /// no longer has it is left for the next pass.
     Meta {
         meta: Box<Meta>,
-        rep: Option<Box<Token>>,
+        rep: Option<Box<Version>>,
     },
     /// Set a directory's mode, owner and times, after everything below it.
     DirMeta { meta: Box<Meta> },
@@ -71,42 +70,12 @@ pub struct Action {
     pub op: Op,
 }
 
-/// How a directory's cache record must change after the pass, as far as the scan knows:
-/// only the entries that differ from the stored record and the names that left it, so a
-/// plan's memory follows the number of changes, not the size of the changed directories.
-/// Files copied by this pass are added from their outcomes.
-#[derive(Debug)]
-pub struct Draft {
-    pub dir: RelPath,
-    pub delta: Delta,
-}
-
-/// A per-entry problem found by the scan (unreadable directory, vanished file...).
-#[derive(Debug, Clone)]
-pub struct Problem {
-    pub rel: RelPath,
-    pub message: String,
-    /// The entry vanished while it was looked at: a `SKIP` (the next pass takes it), not
-    /// an `ERROR`.
-    pub vanished: bool,
-}
-
-impl Problem {
-    pub fn error(rel: &RelPath, message: String) -> Problem {
-        Problem {
-            rel: rel.clone(),
-            message,
-            vanished: false,
-        }
-    }
-}
-
 #[derive(Debug, Default)]
 pub struct Plan {
     /// Actions in scan order (parents before children, names sorted by bytes).
     pub actions: Vec<Action>,
-    pub drafts: Vec<Draft>,
-    pub problems: Vec<Problem>,
+    /// Entries the scan could not read (each reported once, exit code 1 or a skip).
+    pub problems: Vec<EntryError>,
     /// Leftover `.syncer-*.tmp` files of an interrupted pass, removed first by apply.
     pub stale_temps: Vec<RelPath>,
     /// Entries the replica holds now, outside excluded and unknown subtrees.
@@ -122,7 +91,6 @@ pub struct Plan {
 impl Plan {
     pub fn merge(mut self, other: Plan) -> Plan {
         self.actions.extend(other.actions);
-        self.drafts.extend(other.drafts);
         self.problems.extend(other.problems);
         self.stale_temps.extend(other.stale_temps);
         self.replica_entries += other.replica_entries;

@@ -10,44 +10,60 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 
 use rayon::prelude::*;
 
 use crate::cancel;
-use crate::compare::{self, meta_differs, FileVerdict};
+use crate::compare::{Compare, FileVerdict};
 use crate::config::Excludes;
-use crate::error::reason;
-use crate::fsops::{is_temp, list_dir, HashCounters, Replica};
-use crate::model::{Entry, Kind, Meta, RelPath};
-use crate::plan::{Action, Draft, LinkSpec, Op, Plan, Problem, Reason};
-use crate::state::cache::{CachedFile, Delta, DirRecord, Snapshot};
+use crate::error::{EntryError, Side};
+use crate::model::{is_temp_name, Entry, Kind, Meta, RelPath};
+use crate::plan::{Action, LinkSpec, Op, Plan, Reason};
+use crate::state::cache::{CachedFile, Delta, DirRecord, Recall};
 
 /// Everything a scan reads; shared by all scan threads.
 pub struct Ctx<'a> {
-    pub source: &'a Path,
-    pub replica: &'a Replica,
+    pub compare: Compare<'a>,
     pub excludes: &'a Excludes,
-    pub snapshot: &'a Snapshot,
-    pub counters: &'a HashCounters,
-    /// `--checksum`: ignore the cache.
-    pub checksum: bool,
-    /// `--dry-run`: do not even remove leftover temp files.
-    pub dry_run: bool,
-    /// Source tokens whose ctime is at or after this (ns) are racy (see `state::cache`).
-    pub racy_after_ns: i64,
+    /// The hash cache as it was when the pass started.
+    pub recall: &'a dyn Recall,
+}
+
+/// How a directory's cache record must change after the pass, as far as the scan knows:
+/// only the entries that differ from the stored record and the names that left it, so
+/// memory follows the number of changes, not the size of the changed directories. Files
+/// copied by this pass are added from their outcomes.
+#[derive(Debug)]
+pub struct Draft {
+    pub dir: RelPath,
+    pub delta: Delta,
+}
+
+/// What a scan found: the plan, and the cache drafts to apply once the pass is durable.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    pub plan: Plan,
+    pub drafts: Vec<Draft>,
+}
+
+impl Scanned {
+    fn merge(mut self, other: Scanned) -> Scanned {
+        self.plan = self.plan.merge(other.plan);
+        self.drafts.extend(other.drafts);
+        self
+    }
 }
 
 /// Scans both trees from their roots. `src_root` is the source root's metadata; `rep_root`
 /// the replica root's, if it exists.
-pub fn scan(ctx: &Ctx, src_root: &Meta, rep_root: Option<&Meta>) -> Plan {
+pub fn scan(ctx: &Ctx, src_root: &Meta, rep_root: Option<&Meta>) -> Scanned {
     walk(ctx, &RelPath::root(), Some(src_root), rep_root)
 }
 
 /// What one name contributes to its directory.
 #[derive(Default)]
 struct Child {
-    plan: Plan,
+    plan: Scanned,
     cached: Option<CachedFile>,
     /// Something is created, replaced or removed directly in this directory.
     changed: bool,
@@ -57,39 +73,44 @@ struct Child {
 
 /// Walks one directory pair. `src` is `None` for a replica directory whose source is gone
 /// but which holds excluded entries (only its non-excluded entries are deleted).
-fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Plan {
-    let mut plan = Plan::default();
+fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Scanned {
+    let mut out = Scanned::default();
     if cancel::requested() {
-        return plan;
+        return out;
     }
+    let cx = &ctx.compare;
     let src_entries = match src {
         None => Vec::new(),
-        Some(_) => match list_dir(&rel.under(ctx.source)) {
+        Some(_) => match cx.source.list(rel) {
             Ok(v) => v,
             Err(e) => {
-                plan.problems.push(Problem::error(rel, format!(
-                        "could not read source directory '{rel}': {}; nothing below its replica twin is deleted",
-                        reason(&e)
-                    )));
-                return plan;
+                out.plan.problems.push(EntryError::Read {
+                    side: Side::Source,
+                    what: Kind::Dir,
+                    rel: rel.clone(),
+                    cause: e,
+                });
+                return out;
             }
         },
     };
     let rep_entries = match rep {
         None => Vec::new(),
-        Some(_) => match ctx.replica.list(rel) {
+        Some(_) => match cx.replica.list(rel) {
             Ok(v) => v,
             Err(e) => {
-                plan.problems.push(Problem::error(
-                    rel,
-                    format!("could not read replica directory '{rel}': {}", reason(&e)),
-                ));
-                return plan;
+                out.plan.problems.push(EntryError::Read {
+                    side: Side::Replica,
+                    what: Kind::Dir,
+                    rel: rel.clone(),
+                    cause: e,
+                });
+                return out;
             }
         },
     };
     let mut touched = rep.is_none();
-    let src_entries: Vec<Entry> = src_entries
+    let src_entries: Vec<_> = src_entries
         .into_iter()
         .filter(|e| {
             if ctx
@@ -98,7 +119,7 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
             {
                 return false;
             }
-            if is_temp(&e.name) {
+            if is_temp_name(&e.name) {
                 log::warn!(
                     "not mirroring '{}': names like .syncer-*.tmp are syncer's temp files",
                     rel.join(&e.name)
@@ -116,11 +137,11 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
         {
             continue;
         }
-        if is_temp(&e.name) {
+        if is_temp_name(&e.name) {
             // Left over by an interrupted pass (this pass holds the replica lock): removed
             // by apply, so that a refused pass still changes nothing.
-            if e.meta.kind == Kind::File {
-                plan.stale_temps.push(rel.join(&e.name));
+            if matches!(e.meta.kind, Kind::File | Kind::Symlink) {
+                out.plan.stale_temps.push(rel.join(&e.name));
                 touched = true;
             }
             continue;
@@ -129,7 +150,7 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
     }
     let has_file_pairs = src_entries.iter().any(|e| e.meta.kind == Kind::File);
     let record = if has_file_pairs && !rep_kept.is_empty() {
-        ctx.snapshot.dir(rel).unwrap_or_default()
+        ctx.recall.dir(rel).unwrap_or_default()
     } else {
         DirRecord::default()
     };
@@ -145,20 +166,20 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
         touched |= child.changed;
         copies |= child.copies;
         files.extend(child.cached);
-        plan = plan.merge(child.plan);
+        out = out.merge(child.plan);
     }
     if src.is_some() {
         let delta = Delta::between(&record.files, files);
         if copies || !delta.is_empty() {
-            plan.drafts.push(Draft {
+            out.drafts.push(Draft {
                 dir: rel.clone(),
                 delta,
             });
         }
     }
     if let Some(src) = src {
-        if touched || rep.is_none_or(|r| meta_differs(src, r, ctx.replica.chown)) {
-            plan.actions.push(Action {
+        if touched || rep.is_none_or(|r| cx.caps.meta_differs(src, r)) {
+            out.plan.actions.push(Action {
                 rel: rel.clone(),
                 op: Op::DirMeta {
                     meta: Box::new(*src),
@@ -166,13 +187,13 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Pla
             });
         }
     }
-    plan
+    out
 }
 
-type Pair = (OsString, Option<Entry>, Option<Entry>);
+type Pair<S, R> = (OsString, Option<S>, Option<R>);
 
 /// Merges two name-sorted listings into (name, source entry, replica entry) triples.
-fn merge(src: Vec<Entry>, rep: Vec<Entry>) -> Vec<Pair> {
+fn merge<V, W>(src: Vec<Entry<V>>, rep: Vec<Entry<W>>) -> Vec<Pair<Entry<V>, Entry<W>>> {
     let mut out = Vec::with_capacity(src.len().max(rep.len()));
     let mut s = src.into_iter().peekable();
     let mut r = rep.into_iter().peekable();
@@ -206,8 +227,8 @@ fn decide(
     ctx: &Ctx,
     dir: &RelPath,
     name: OsString,
-    src: Option<Entry>,
-    rep: Option<Entry>,
+    src: Option<crate::model::SrcEntry>,
+    rep: Option<crate::model::RepEntry>,
     record: &DirRecord,
 ) -> Child {
     let rel = dir.join(&name);
@@ -220,14 +241,14 @@ fn decide(
         (None, Some(r)) => delete(ctx, &rel, &r.meta, &mut c),
         (Some(s), None) => create(ctx, &rel, &s.meta, &mut c),
         (Some(s), Some(r)) => {
-            c.plan.replica_entries += 1;
+            c.plan.plan.replica_entries += 1;
             let (sk, rk) = (s.meta.kind, r.meta.kind);
             if sk == Kind::Special {
                 skip_special(&rel, &mut c);
             } else if sk != rk {
                 // Replace: the old entry goes first (apply runs deletions before creations).
                 delete(ctx, &rel, &r.meta, &mut c);
-                c.plan.replica_entries -= 1;
+                c.plan.plan.replica_entries -= 1;
                 create(ctx, &rel, &s.meta, &mut c);
             } else {
                 match sk {
@@ -238,11 +259,11 @@ fn decide(
                     Kind::Symlink => symlinks(ctx, &rel, &s.meta, &r.meta, &mut c),
                     Kind::File => {
                         let cached = record.find(name.as_bytes());
-                        match compare::files(ctx, &rel, &name, &s.meta, &r.meta, cached) {
+                        match ctx.compare.file(&rel, &name, &s, &r, cached) {
                             FileVerdict::Copy { reason, hint } => {
                                 c.changed = true;
                                 c.copies = true;
-                                c.plan.actions.push(Action {
+                                c.plan.plan.actions.push(Action {
                                     rel,
                                     op: Op::Copy {
                                         reason,
@@ -253,20 +274,20 @@ fn decide(
                                 });
                             }
                             FileVerdict::Meta(entry) => {
-                                let rep_token = entry.rep;
-                                // The fix changes the replica's token: rewrite the record.
+                                let rep_version = entry.rep.clone();
+                                // The fix changes the replica's version: rewrite the record.
                                 c.copies = true;
                                 c.cached = Some(entry);
-                                c.plan.actions.push(Action {
+                                c.plan.plan.actions.push(Action {
                                     rel,
                                     op: Op::Meta {
                                         meta: Box::new(s.meta),
-                                        rep: Some(Box::new(rep_token)),
+                                        rep: Some(Box::new(rep_version)),
                                     },
                                 });
                             }
                             FileVerdict::Same(entry) => c.cached = Some(entry),
-                            FileVerdict::Error(problem) => c.plan.problems.push(problem),
+                            FileVerdict::Error(problem) => c.plan.plan.problems.push(problem),
                         }
                     }
                     Kind::Special => unreachable!("handled above"),
@@ -279,18 +300,19 @@ fn decide(
 
 fn skip_special(rel: &RelPath, c: &mut Child) {
     log::warn!("skipping '{rel}': fifos, sockets and devices are not mirrored");
-    c.plan.specials += 1;
+    c.plan.plan.specials += 1;
 }
 
 /// Plans the creation of a source entry that the replica lacks.
 fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
+    let plan = &mut c.plan.plan;
     match meta.kind {
         Kind::Special => skip_special(rel, c),
         Kind::File => {
             c.changed = true;
             c.copies = true;
-            c.plan.creates += 1;
-            c.plan.actions.push(Action {
+            plan.creates += 1;
+            plan.actions.push(Action {
                 rel: rel.clone(),
                 op: Op::Copy {
                     reason: Reason::Create,
@@ -300,11 +322,11 @@ fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
                 },
             });
         }
-        Kind::Symlink => match std::fs::read_link(rel.under(ctx.source)) {
+        Kind::Symlink => match ctx.compare.source.read_link(rel) {
             Ok(target) => {
                 c.changed = true;
-                c.plan.creates += 1;
-                c.plan.actions.push(Action {
+                plan.creates += 1;
+                plan.actions.push(Action {
                     rel: rel.clone(),
                     op: Op::Link(Box::new(LinkSpec {
                         reason: Reason::Create,
@@ -313,15 +335,14 @@ fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
                     })),
                 });
             }
-            Err(e) => c.plan.problems.push(Problem::error(
-                rel,
-                format!("could not read source symlink '{rel}': {}", reason(&e)),
-            )),
+            Err(e) => plan
+                .problems
+                .push(EntryError::read(Side::Source, Kind::Symlink, rel, e)),
         },
         Kind::Dir => {
             c.changed = true;
-            c.plan.creates += 1;
-            c.plan.actions.push(Action {
+            plan.creates += 1;
+            plan.actions.push(Action {
                 rel: rel.clone(),
                 op: Op::Mkdir,
             });
@@ -338,14 +359,15 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
         let (entries, excluded) = count_tree(ctx, rel);
         if excluded {
             // Excluded entries are never deleted: remove the rest, keep the directory.
-            c.plan.replica_entries += 1;
+            c.plan.plan.replica_entries += 1;
             let sub = walk(ctx, rel, None, Some(meta));
             c.plan = std::mem::take(&mut c.plan).merge(sub);
             return;
         }
-        c.plan.replica_entries += entries + 1;
-        c.plan.deletes += entries + 1;
-        c.plan.actions.push(Action {
+        let plan = &mut c.plan.plan;
+        plan.replica_entries += entries + 1;
+        plan.deletes += entries + 1;
+        plan.actions.push(Action {
             rel: rel.clone(),
             op: Op::Delete {
                 kind: Kind::Dir,
@@ -353,9 +375,10 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
             },
         });
     } else {
-        c.plan.replica_entries += 1;
-        c.plan.deletes += 1;
-        c.plan.actions.push(Action {
+        let plan = &mut c.plan.plan;
+        plan.replica_entries += 1;
+        plan.deletes += 1;
+        plan.actions.push(Action {
             rel: rel.clone(),
             op: Op::Delete {
                 kind: meta.kind,
@@ -368,7 +391,7 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
 /// Counts the entries below a replica directory (never following symlinks) and says whether
 /// any of them is excluded.
 fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool) {
-    let Ok(entries) = ctx.replica.list(rel) else {
+    let Ok(entries) = ctx.compare.replica.list(rel) else {
         return (0, false);
     };
     entries
@@ -389,20 +412,20 @@ fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool) {
 }
 
 fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
-    let target = match std::fs::read_link(rel.under(ctx.source)) {
+    let cx = &ctx.compare;
+    let plan = &mut c.plan.plan;
+    let target = match cx.source.read_link(rel) {
         Ok(t) => t,
         Err(e) => {
-            c.plan.problems.push(Problem::error(
-                rel,
-                format!("could not read source symlink '{rel}': {}", reason(&e)),
-            ));
+            plan.problems
+                .push(EntryError::read(Side::Source, Kind::Symlink, rel, e));
             return;
         }
     };
-    let same_target = ctx.replica.read_link(rel).is_ok_and(|t| t == target);
+    let same_target = cx.replica.read_link(rel).is_ok_and(|t| t == target);
     if !same_target {
         c.changed = true;
-        c.plan.actions.push(Action {
+        plan.actions.push(Action {
             rel: rel.clone(),
             op: Op::Link(Box::new(LinkSpec {
                 reason: Reason::Update,
@@ -410,8 +433,8 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
                 meta: *src,
             })),
         });
-    } else if meta_differs(src, rep, ctx.replica.chown) {
-        c.plan.actions.push(Action {
+    } else if cx.caps.meta_differs(src, rep) {
+        plan.actions.push(Action {
             rel: rel.clone(),
             op: Op::Meta {
                 meta: Box::new(*src),

@@ -4,7 +4,7 @@ use crate::cli::SyncArgs;
 use crate::config::Config;
 use crate::error::{ExitCode, Result};
 use crate::state::{lock, status};
-use crate::{cancel, journal, pass};
+use crate::{cancel, job, journal, pass};
 
 pub fn run(args: &SyncArgs) -> Result<ExitCode> {
     let cfg = Config::from_args(args, None)?;
@@ -15,20 +15,20 @@ pub fn run(args: &SyncArgs) -> Result<ExitCode> {
         journal::open_files(&cfg.io_log, &cfg.schedule_log);
     }
     cancel::on_signals().map_err(|e| crate::error::Error::io("install signal handlers", "/", e))?;
-    super::build_pool(cfg.threads);
+    job::build_pool(cfg.threads);
     let cache = if cfg.dry_run {
         crate::state::cache::Cache::disabled()
     } else {
-        super::open_cache(&cfg)
+        job::open_cache(&cfg)
     };
-    let outcome = pass::run(&cfg, &cache, super::wants_progress(&cfg));
+    let outcome = pass::run(&cfg, &cache, job::wants_progress(&cfg));
     if !cfg.dry_run {
         let mut st =
-            status::read(&cfg.state_dir, &cfg.name).unwrap_or_else(|| super::base_status(&cfg));
-        let base = super::base_status(&cfg);
+            status::read(&cfg.state_dir, &cfg.name).unwrap_or_else(|| job::base_status(&cfg));
+        let base = job::base_status(&cfg);
         st.source = base.source;
         st.replica = base.replica;
-        super::record_pass(&mut st, &outcome.record);
+        job::record_pass(&mut st, &outcome.record);
         if let Err(e) = status::write(&cfg.state_dir, &st) {
             log::warn!("could not write the job status: {e}");
         }

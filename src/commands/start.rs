@@ -68,7 +68,13 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
         Outcome::Parent(Err(e)) => Err(Error::Usage(format!("could not start the daemon: {e}"))),
         Outcome::Child(Ok(_)) => Ok(daemon::run(&cfg, &nonce, false)),
         Outcome::Child(Err(e)) => {
-            let _ = fs::write(&error_path, format!("{nonce} could not daemonize: {e}\n"));
+            let _ = fs::write(
+                &error_path,
+                format!(
+                    "{nonce} {} could not daemonize: {e}\n",
+                    ExitCode::Usage as i32
+                ),
+            );
             Ok(ExitCode::Usage)
         }
     }
@@ -85,15 +91,9 @@ fn confirm(
     let deadline = Instant::now() + CONFIRM_TIMEOUT;
     while Instant::now() < deadline {
         if let Ok(text) = fs::read_to_string(error_path) {
-            if let Some(msg) = text.trim().strip_prefix(nonce) {
+            if let Some((code, msg)) = daemon::start_error(&text, nonce) {
                 let _ = fs::remove_file(error_path);
-                let busy = msg.contains("already running") || msg.contains("busy");
-                let msg = msg.trim().to_string();
-                return Err(if busy {
-                    Error::Busy(msg)
-                } else {
-                    Error::Usage(msg)
-                });
+                return Err(Error::with_code(code, msg));
             }
         }
         if let Some(text) = lock::holder(pid_path) {

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cancel;
-use crate::commands;
 use crate::config::Config;
 use crate::error::ExitCode;
+use crate::job;
 use crate::journal;
 use crate::model::show;
 use crate::pass;
@@ -45,17 +45,26 @@ fn lock_pid_file(path: &std::path::Path) -> std::io::Result<Result<lock::Held, S
     }
 }
 
-/// Reports a start-up failure: on the terminal in the foreground, else to the waiting parent.
-fn fail(cfg: &Config, nonce: &str, foreground: bool, msg: &str) {
-    if foreground {
-        eprintln!("syncer: {msg}");
-    } else {
+/// Reports a start-up failure and returns its exit code: on the terminal in the
+/// foreground, else also to the waiting parent as `<nonce> <code> <message>` (see
+/// [`start_error`]).
+fn fail(cfg: &Config, nonce: &str, foreground: bool, code: ExitCode, msg: &str) -> ExitCode {
+    if !foreground {
         let _ = fs::write(
             state::file(&cfg.state_dir, &cfg.name, "start-error"),
-            format!("{nonce} {msg}\n"),
+            format!("{nonce} {} {msg}\n", code as i32),
         );
-        eprintln!("syncer: {msg}");
     }
+    eprintln!("syncer: {msg}");
+    code
+}
+
+/// Reads a start-up failure written by `fail` for this `nonce`: its exit code and message.
+pub fn start_error(text: &str, nonce: &str) -> Option<(ExitCode, String)> {
+    let rest = text.trim().strip_prefix(nonce)?.trim_start();
+    let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+    let code = code.parse().ok().and_then(ExitCode::from_number)?;
+    Some((code, msg.trim().to_string()))
 }
 
 /// Runs the daemon loop until SIGTERM/SIGINT. `nonce` identifies this start to the parent.
@@ -66,13 +75,13 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
         .and_then(|_| signal_hook::flag::register(signal_hook::consts::SIGHUP, reopen.clone()))
         .and_then(|_| signal_hook::flag::register(signal_hook::consts::SIGUSR1, now.clone()));
     if let Err(e) = signals {
-        fail(
+        return fail(
             cfg,
             nonce,
             foreground,
+            ExitCode::Usage,
             &format!("could not install signal handlers: {e}"),
         );
-        return ExitCode::Usage;
     }
     journal::init(foreground.then_some(cfg.verbosity));
     let pid = std::process::id();
@@ -81,22 +90,22 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
         Ok(Ok(held)) => held,
         Ok(Err(text)) => {
             let other = pid_of(&text).map_or("unknown".into(), |p| p.to_string());
-            fail(
+            return fail(
                 cfg,
                 nonce,
                 foreground,
+                ExitCode::Busy,
                 &format!("job '{}' is already running (pid {other})", cfg.name),
             );
-            return ExitCode::Busy;
         }
         Err(e) => {
-            fail(
+            return fail(
                 cfg,
                 nonce,
                 foreground,
+                ExitCode::Usage,
                 &format!("could not lock '{}': {e}", show(&pid_path)),
             );
-            return ExitCode::Usage;
         }
     };
     let who = format!("daemon pid {pid} job {}", cfg.name);
@@ -104,15 +113,14 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             let _ = fs::remove_file(&pid_path);
-            fail(cfg, nonce, foreground, &e.to_string());
-            return e.exit_code();
+            return fail(cfg, nonce, foreground, e.exit_code(), &e.to_string());
         }
     };
     journal::open_files(&cfg.io_log, &cfg.schedule_log);
-    commands::build_pool(cfg.threads);
-    let cache = commands::open_cache(cfg);
+    job::build_pool(cfg.threads);
+    let cache = job::open_cache(cfg);
     let interval = cfg.interval.unwrap_or(Duration::from_secs(300));
-    let mut st = commands::base_status(cfg);
+    let mut st = job::base_status(cfg);
     if let Some(old) = status::read(&cfg.state_dir, &cfg.name) {
         st.last_pass = old.last_pass;
         st.refused_reason = old.refused_reason;
@@ -129,13 +137,13 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     ));
     // Announce readiness last: the parent returns 0 once it sees this.
     if let Err(e) = pidfile.describe(&format!("{pid} {nonce}\n")) {
-        fail(
+        return fail(
             cfg,
             nonce,
             foreground,
+            ExitCode::Usage,
             &format!("could not write '{}': {e}", show(&pid_path)),
         );
-        return ExitCode::Usage;
     }
 
     let mut next = Instant::now();
@@ -147,8 +155,8 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
         let pass_now = now.swap(false, Ordering::Relaxed);
         if pass_now || Instant::now() >= next {
             let started = Instant::now();
-            let outcome = pass::run(cfg, &cache, foreground && commands::wants_progress(cfg));
-            commands::record_pass(&mut st, &outcome.record);
+            let outcome = pass::run(cfg, &cache, foreground && job::wants_progress(cfg));
+            job::record_pass(&mut st, &outcome.record);
             next = (started + interval).max(Instant::now());
             if cancel::requested() {
                 break;

@@ -18,14 +18,14 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{show, Hash, RelPath, Token};
+use crate::model::{show, Hash, RelPath, Token, Version};
 
 const DIRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dirs");
 const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
-const FORMAT: &[u8] = b"syncer-cache-1";
+const FORMAT: &[u8] = b"syncer-cache-2";
 
 /// How many pass summaries the database keeps.
 const KEEP_PASSES: u64 = 1000;
@@ -33,8 +33,10 @@ const KEEP_PASSES: u64 = 1000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedFile {
     pub name: Vec<u8>,
+    /// The source file's stat token.
     pub src: Token,
-    pub rep: Token,
+    /// The replica's version of the file, stored as the replica reported it.
+    pub rep: Version,
     pub hash: Hash,
     /// The source token may hide a later write in the same clock tick: do not trust it.
     pub src_racy: bool,
@@ -60,6 +62,11 @@ pub struct Cache {
     path: PathBuf,
 }
 
+/// What a scan may ask the cache: the stored record of one directory.
+pub trait Recall: Sync {
+    fn dir(&self, rel: &RelPath) -> Option<DirRecord>;
+}
+
 /// A consistent read view of the cache for one scan, shared by all scan threads.
 pub struct Snapshot {
     table: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
@@ -69,8 +76,10 @@ impl Snapshot {
     pub fn empty() -> Snapshot {
         Snapshot { table: None }
     }
+}
 
-    pub fn dir(&self, rel: &RelPath) -> Option<DirRecord> {
+impl Recall for Snapshot {
+    fn dir(&self, rel: &RelPath) -> Option<DirRecord> {
         let table = self.table.as_ref()?;
         let guard = table.get(rel.as_bytes()).ok()??;
         bincode::deserialize(guard.value()).ok()
@@ -341,8 +350,8 @@ impl Delta {
 #[derive(Default)]
 pub struct DirChange {
     pub written: Vec<CachedFile>,
-    /// (name, new replica token) of files whose metadata was fixed.
-    pub fixed: Vec<(Vec<u8>, Token)>,
+    /// (name, new replica version) of files whose metadata was fixed.
+    pub fixed: Vec<(Vec<u8>, Version)>,
 }
 
 fn put(
@@ -397,7 +406,7 @@ mod tests {
                 ino,
                 ..Token::default()
             },
-            rep: Token::default(),
+            rep: Version::default(),
             hash: Hash::default(),
             src_racy: false,
         }

@@ -19,8 +19,8 @@ use crate::model::show;
 pub struct Held {
     file: File,
     path: PathBuf,
-    /// The replica directory itself, flock-ed too (see `lock_replica`).
-    _dir: Option<File>,
+    /// The replica's own lock (see `lock_replica`).
+    _replica: Option<Box<dyn Send>>,
 }
 
 impl Held {
@@ -53,7 +53,7 @@ pub fn try_lock(path: &Path) -> std::io::Result<std::result::Result<Held, String
         Ok(()) => Ok(Ok(Held {
             file,
             path: path.to_path_buf(),
-            _dir: None,
+            _replica: None,
         })),
         Err(TryLockError::WouldBlock) => {
             let mut text = String::new();
@@ -86,9 +86,9 @@ pub fn replica_lock_path(state_dir: &Path, replica: &Path) -> PathBuf {
 }
 
 /// Takes the replica lock or fails with exit code 4 naming the holder. Besides the lock file
-/// in the state directory, an existing replica directory is flock-ed itself (which writes
-/// nothing into it), so two runs with different `--state-dir`s cannot write one replica at
-/// the same time either.
+/// in the state directory, the replica takes its own lock (a local replica: `flock` of its
+/// root directory, which writes nothing into it), so two runs with different `--state-dir`s
+/// cannot write one replica at the same time either.
 pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held> {
     let path = replica_lock_path(state_dir, replica);
     let busy = |holder: &str| {
@@ -105,13 +105,16 @@ pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held>
     let text = format!("{who} replica {}\n", show(replica));
     held.describe(&text)
         .map_err(|e| Error::io("write lock file", &path, e))?;
-    if let Ok(dir) = File::open(replica) {
-        match dir.try_lock() {
-            Ok(()) => held._dir = Some(dir),
-            Err(TryLockError::WouldBlock) => {
+    let target = crate::replica::open(replica, false, None);
+    // A replica that cannot be opened yet (missing) has nothing to lock; the pass reports
+    // any other problem with it.
+    if let Ok(target) = target {
+        match target.lock() {
+            Ok(guard) => held._replica = guard,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 return Err(busy("a syncer process using another state directory"));
             }
-            Err(TryLockError::Error(e)) => return Err(Error::io("lock", replica, e)),
+            Err(e) => return Err(Error::io("lock", replica, e)),
         }
     }
     Ok(held)

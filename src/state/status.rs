@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Counts;
+
 /// Summary of one pass.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct PassRecord {
@@ -16,18 +18,9 @@ pub struct PassRecord {
     pub duration_ms: u64,
     /// `ok`, `partial`, `refused`, `failed` or `interrupted`.
     pub result: String,
-    pub created: u64,
-    pub updated: u64,
-    pub drifted: u64,
-    pub deleted: u64,
-    pub meta: u64,
-    pub links: u64,
-    pub dirs_created: u64,
-    pub bytes_copied: u64,
-    pub hashed_files: u64,
-    pub hashed_bytes: u64,
-    pub errors: u64,
-    pub skipped: u64,
+    /// What the pass did (flattened: the JSON keeps one flat object).
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Why the pass failed or was refused.
     pub reason: Option<String>,
     pub dry_run: bool,

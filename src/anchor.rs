@@ -1,0 +1,430 @@
+//! A local directory tree reached only through a handle on its root: the ground both the
+//! local source and the local replica stand on, and the reason running as root is safe.
+//!
+//! The root is opened once (its last component must be a directory, not a symlink). Every
+//! relative path is then resolved beneath that handle without following a symlink in any
+//! component: `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` where the kernel has it
+//! (Linux 5.6+), otherwise a walk of `openat(O_NOFOLLOW | O_DIRECTORY)` one component at a
+//! time. A user who owns a directory inside the tree and swaps it for a symlink to
+//! `/etc/cron.d` mid-pass makes the resolution fail (`ELOOP`/`ENOTDIR`), which becomes a
+//! [`PathChanged`] error naming the component; nothing is read or written through the link.
+//! Callers create, rename, remove and set metadata only through the handles this returns or
+//! `*at` calls relative to them.
+//!
+//! What this deliberately does not do: decide anything. It opens, lists, stats and hashes.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use sha2::{Digest, Sha256};
+
+use crate::cancel;
+use crate::error::{PathChanged, Side};
+use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, Stamp, Token};
+
+/// Read in chunks of this size: large enough for disk speed, small enough that a cancelled
+/// pass stops within milliseconds and that the per-thread buffer stays small.
+pub const CHUNK: usize = 1 << 20;
+
+thread_local! {
+    pub static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CHUNK]);
+}
+
+/// False once `openat2` answered `ENOSYS` (a kernel older than 5.6): every later resolution
+/// walks component by component.
+static HAVE_OPENAT2: AtomicBool = AtomicBool::new(true);
+
+/// How paths are resolved beneath the root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolver {
+    /// `openat2` when the kernel has it, else the walk.
+    Auto,
+    /// Always the component walk (what an old kernel gets; tests pin it too).
+    Walk,
+}
+
+/// A tree's root handle.
+pub struct Anchor {
+    root: OwnedFd,
+    side: Side,
+    dev: u64,
+    resolver: Resolver,
+}
+
+impl Anchor {
+    /// Opens `path` as a root. The path is the user's (already validated and canonical); only
+    /// its last component is checked here: it must be a directory and not a symlink.
+    pub fn open(path: &Path, side: Side, resolver: Resolver) -> io::Result<Anchor> {
+        let root = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let dev = rustix::fs::fstat(&root)?.st_dev;
+        Ok(Anchor {
+            root,
+            side,
+            dev,
+            resolver,
+        })
+    }
+
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// The device of the root's filesystem.
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+
+    /// The root's metadata and token.
+    pub fn stat_root(&self) -> io::Result<(Meta, Token)> {
+        Ok(from_stat(&rustix::fs::fstat(&self.root)?))
+    }
+
+    /// Opens `rel` beneath the root with `flags` (`O_NOFOLLOW` and `O_CLOEXEC` are added).
+    /// `last` is what the final component must be, for the error when it is not.
+    pub fn open_at(&self, rel: &RelPath, flags: OFlags, last: Kind) -> io::Result<OwnedFd> {
+        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let path: &Path = if rel.is_root() {
+            Path::new(".")
+        } else {
+            rel.as_path()
+        };
+        if self.resolver == Resolver::Auto && HAVE_OPENAT2.load(Ordering::Relaxed) {
+            let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
+            // EAGAIN: a rename or mount raced with the lookup; the kernel asks to retry.
+            for _ in 0..8 {
+                match rustix::fs::openat2(&self.root, path, flags, Mode::empty(), how) {
+                    Ok(fd) => return Ok(fd),
+                    Err(rustix::io::Errno::AGAIN) => continue,
+                    Err(rustix::io::Errno::NOSYS) => {
+                        HAVE_OPENAT2.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => return Err(self.explain(rel, e, last)),
+                }
+            }
+        }
+        self.walk(rel, flags, last)
+    }
+
+    /// The component walk: every directory opened `O_PATH | O_DIRECTORY | O_NOFOLLOW`
+    /// relative to the previous one, the last component with `flags`.
+    fn walk(&self, rel: &RelPath, flags: OFlags, last: Kind) -> io::Result<OwnedFd> {
+        let names = components(rel);
+        let Some((final_name, dirs)) = names.split_last() else {
+            return rustix::fs::openat(&self.root, ".", flags, Mode::empty())
+                .map_err(io::Error::from);
+        };
+        let mut cur: Option<OwnedFd> = None;
+        for name in dirs {
+            let at = cur.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
+            let next = rustix::fs::openat(
+                at,
+                *name,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.explain(rel, e, last))?;
+            cur = Some(next);
+        }
+        let at = cur.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
+        rustix::fs::openat(at, *final_name, flags, Mode::empty())
+            .map_err(|e| self.explain(rel, e, last))
+    }
+
+    /// Turns a resolution error into a `PathChanged` naming the component that is no longer
+    /// a directory (or the entry itself when it is no longer of kind `last`).
+    fn explain(&self, rel: &RelPath, e: rustix::io::Errno, last: Kind) -> io::Error {
+        use rustix::io::Errno;
+        if !matches!(e, Errno::LOOP | Errno::NOTDIR | Errno::XDEV) {
+            return e.into();
+        }
+        let names = components(rel);
+        let mut cur: Option<OwnedFd> = None;
+        let mut so_far = RelPath::root();
+        for (i, name) in names.iter().enumerate() {
+            so_far = so_far.join(name);
+            let at = cur.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
+            let is_last = i + 1 == names.len();
+            let kind = rustix::fs::statat(at, *name, AtFlags::SYMLINK_NOFOLLOW)
+                .map(|s| Kind::of_mode(s.st_mode));
+            match kind {
+                Ok(Kind::Dir) if !is_last => {
+                    match rustix::fs::openat(
+                        at,
+                        *name,
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    ) {
+                        Ok(fd) => cur = Some(fd),
+                        Err(_) => break,
+                    }
+                }
+                Ok(_) if !is_last => {
+                    return self.changed(so_far, Kind::Dir);
+                }
+                _ => break,
+            }
+        }
+        self.changed(rel.clone(), last)
+    }
+
+    fn changed(&self, component: RelPath, expected: Kind) -> io::Error {
+        PathChanged {
+            side: self.side,
+            component,
+            expected,
+        }
+        .into_io()
+    }
+
+    /// Opens the directory `rel` for listing.
+    pub fn open_dir(&self, rel: &RelPath) -> io::Result<OwnedFd> {
+        self.open_at(rel, OFlags::RDONLY | OFlags::DIRECTORY, Kind::Dir)
+    }
+
+    /// The parent directory of `rel` (an `O_PATH` handle, for `*at` calls) and its name.
+    pub fn parent<'r>(&self, rel: &'r RelPath) -> io::Result<(OwnedFd, &'r OsStr)> {
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the root has no parent",
+            ));
+        };
+        let fd = self.open_at(&parent, OFlags::PATH | OFlags::DIRECTORY, Kind::Dir)?;
+        Ok((fd, name))
+    }
+
+    /// Opens the regular file `rel` for reading. `O_NONBLOCK` keeps a fifo swapped in for it
+    /// from blocking the pass; the kind is checked on the open descriptor.
+    pub fn open_file(&self, rel: &RelPath) -> io::Result<File> {
+        let fd = self.open_at(rel, OFlags::RDONLY | OFlags::NONBLOCK, Kind::File)?;
+        let st = rustix::fs::fstat(&fd)?;
+        if Kind::of_mode(st.st_mode) != Kind::File {
+            return Err(self.changed(rel.clone(), Kind::File));
+        }
+        Ok(File::from(fd))
+    }
+
+    /// Lists the directory `rel`: every entry with its `lstat`, sorted by name bytes. An
+    /// entry that vanishes between `getdents` and `lstat` is left out.
+    pub fn list(&self, rel: &RelPath) -> io::Result<Vec<(OsString, Meta, Token)>> {
+        let fd = self.open_dir(rel)?;
+        list_fd(fd)
+    }
+
+    /// `lstat` of `rel` (never following it), `None` when it does not exist.
+    pub fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Token)>> {
+        if rel.is_root() {
+            return self.stat_root().map(Some);
+        }
+        let (dir, name) = match self.parent(rel) {
+            Ok(v) => v,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(from_stat(&st))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The target of the symlink `rel`, never following it.
+    pub fn read_link(&self, rel: &RelPath) -> io::Result<std::path::PathBuf> {
+        let (dir, name) = self.parent(rel)?;
+        let target = rustix::fs::readlinkat(&dir, name, Vec::new())?;
+        Ok(OsString::from_vec(target.into_bytes()).into())
+    }
+
+    /// Hashes the regular file `rel`: the digest and the token it had while it was read.
+    pub fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {
+        let mut file = self.open_file(rel)?;
+        hash_file(&mut file, counters)
+    }
+}
+
+/// Lists an open directory (see [`Anchor::list`]).
+pub fn list_fd(fd: OwnedFd) -> io::Result<Vec<(OsString, Meta, Token)>> {
+    let mut dir = rustix::fs::Dir::new(fd)?;
+    let mut out = Vec::new();
+    let mut names = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        names.push(OsStr::from_bytes(name).to_os_string());
+    }
+    let at = dir.fd()?;
+    for name in names {
+        match rustix::fs::statat(at, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                let (meta, token) = from_stat(&st);
+                out.push((name, meta, token));
+            }
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(out)
+}
+
+/// The relative path's components as names (a `RelPath` never holds `..` or `.`).
+fn components(rel: &RelPath) -> Vec<&OsStr> {
+    rel.as_path()
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Metadata and token of a `stat` result. (The field types of `struct stat` differ between
+/// architectures, hence casts that are no-ops on some.)
+#[allow(clippy::unnecessary_cast)]
+pub fn from_stat(st: &rustix::fs::Stat) -> (Meta, Token) {
+    let mtime = Stamp {
+        sec: st.st_mtime as i64,
+        nsec: st.st_mtime_nsec as i64,
+    };
+    let meta = Meta {
+        kind: Kind::of_mode(st.st_mode),
+        perm: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime,
+        atime: Stamp {
+            sec: st.st_atime as i64,
+            nsec: st.st_atime_nsec as i64,
+        },
+    };
+    let token = Token {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        mtime_ns: mtime.sec * 1_000_000_000 + mtime.nsec,
+        ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
+    };
+    (meta, token)
+}
+
+/// The token of an open file.
+pub fn token_of(file: &impl AsFd) -> io::Result<Token> {
+    Ok(from_stat(&rustix::fs::fstat(file)?).1)
+}
+
+/// Hashes an open regular file from its start. Returns the digest and the token the file had
+/// while it was read; fails if the file changed during the read.
+pub fn hash_file(file: &mut File, counters: &HashCounters) -> io::Result<(Hash, Token)> {
+    let before = token_of(file)?;
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    BUF.with(|buf| -> io::Result<()> {
+        let mut buf = buf.borrow_mut();
+        // Read up to the size fstat gave, not to EOF: a file that grew or shrank changes
+        // its token, which the check after the loop catches, and this saves a read per file.
+        while total < before.size {
+            if cancel::requested() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+            }
+            let n = match file.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok(())
+    })?;
+    let after = token_of(file)?;
+    if after != before || total != before.size {
+        return Err(io::Error::other("file changed while it was read"));
+    }
+    counters.add(total);
+    Ok((Hash(hasher.finalize().into()), before))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(t.path().join("root/a/b")).expect("mkdir");
+        std::fs::write(t.path().join("root/a/b/f"), b"hello").expect("write");
+        std::fs::create_dir_all(t.path().join("outside")).expect("mkdir");
+        std::fs::write(t.path().join("outside/secret"), b"secret").expect("write");
+        t
+    }
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes())
+    }
+
+    #[test]
+    fn both_resolvers_open_paths_beneath_the_root() {
+        let t = tree();
+        for r in [Resolver::Auto, Resolver::Walk] {
+            let a = Anchor::open(&t.path().join("root"), Side::Replica, r).expect("open");
+            let names: Vec<_> = a
+                .list(&rel("a"))
+                .expect("list")
+                .into_iter()
+                .map(|e| e.0)
+                .collect();
+            assert_eq!(names, vec![OsString::from("b")]);
+            let (hash, _) = a
+                .hash(&rel("a/b/f"), &HashCounters::default())
+                .expect("hash");
+            assert_eq!(hash.0, <[u8; 32]>::from(Sha256::digest(b"hello")));
+        }
+    }
+
+    #[test]
+    fn both_resolvers_refuse_a_directory_swapped_for_a_symlink_and_name_it() {
+        let t = tree();
+        let root = t.path().join("root");
+        std::fs::rename(root.join("a/b"), root.join("a/b-old")).expect("rename");
+        std::os::unix::fs::symlink(t.path().join("outside"), root.join("a/b")).expect("symlink");
+        for r in [Resolver::Auto, Resolver::Walk] {
+            let a = Anchor::open(&root, Side::Replica, r).expect("open");
+            let err = a
+                .hash(&rel("a/b/secret"), &HashCounters::default())
+                .unwrap_err();
+            let changed = PathChanged::of(&err).expect("a PathChanged error");
+            assert_eq!(changed.component, rel("a/b"), "{r:?}");
+            assert_eq!(
+                changed.to_string(),
+                "replica path changed during the pass: 'a/b' is no longer a directory"
+            );
+            assert!(a.list(&rel("a/b")).is_err());
+            assert!(a.parent(&rel("a/b/new")).is_err());
+            // A symlink as the last component is not opened either.
+            let err = a.open_file(&rel("a/b")).unwrap_err();
+            assert!(PathChanged::of(&err).is_some(), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_root_itself_must_not_be_a_symlink() {
+        let t = tree();
+        std::os::unix::fs::symlink(t.path().join("root"), t.path().join("link")).expect("ln");
+        assert!(Anchor::open(&t.path().join("link"), Side::Source, Resolver::Auto).is_err());
+    }
+}

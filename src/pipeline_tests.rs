@@ -1,0 +1,321 @@
+//! In-process tests of the decisions a pass makes, against the in-memory fake for both the
+//! source and the replica: what is copied, what is only a metadata fix, what is drift, what a
+//! racy token costs, what is deleted, what the guard refuses and what a replica's
+//! capabilities suppress. No filesystem, no clock, no sleep.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::apply::{describe, Applied, Applier};
+use crate::compare::Compare;
+use crate::config::Excludes;
+use crate::model::{HashCounters, Kind, RelPath};
+use crate::plan::Guard;
+use crate::replica::fake::{full_caps, rel, Fake};
+use crate::replica::{Capabilities, Replica};
+use crate::scan::{self, Ctx, Scanned};
+use crate::source::SourceTree;
+use crate::state::cache::{CachedFile, DirRecord, Recall};
+
+/// A cache in memory, updated the way `state::cache` does after a durable pass.
+#[derive(Default)]
+struct Memory(Mutex<HashMap<RelPath, Vec<CachedFile>>>);
+
+impl Recall for Memory {
+    fn dir(&self, rel: &RelPath) -> Option<DirRecord> {
+        let mut files = self.0.lock().expect("lock").get(rel)?.clone();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        Some(DirRecord { files })
+    }
+}
+
+struct Run {
+    /// The plan as `WORD path` lines.
+    plan: Vec<String>,
+    applied: Applied,
+    hashed_files: u64,
+}
+
+struct Harness {
+    src: Fake,
+    rep: Fake,
+    memory: Memory,
+    /// Source tokens with a ctime at or after this are racy.
+    racy_after_ns: i64,
+    guard: Guard,
+}
+
+impl Harness {
+    fn new(caps: Capabilities) -> Harness {
+        Harness {
+            src: Fake::new(full_caps()),
+            rep: Fake::new(caps),
+            memory: Memory::default(),
+            racy_after_ns: 1_000,
+            guard: Guard::Default,
+        }
+    }
+
+    fn scan(&self) -> (Scanned, u64) {
+        let counters = HashCounters::default();
+        let excludes = Excludes::new(Vec::new()).expect("no patterns");
+        let ctx = Ctx {
+            compare: Compare {
+                source: &self.src,
+                replica: &self.rep,
+                caps: self.rep.capabilities(),
+                counters: &counters,
+                checksum: false,
+                racy_after_ns: self.racy_after_ns,
+            },
+            excludes: &excludes,
+            recall: &self.memory,
+        };
+        let src_root = SourceTree::root(&self.src).expect("root");
+        let rep_root = Replica::root(&self.rep).expect("root");
+        let scanned = scan::scan(&ctx, &src_root, rep_root.as_ref());
+        let hashed = counters.files.load(std::sync::atomic::Ordering::Relaxed);
+        (scanned, hashed)
+    }
+
+    /// One pass: scan, guard, apply, then record in the memory cache. `None`: refused.
+    fn pass(&self) -> Option<Run> {
+        let (scanned, hashed_files) = self.scan();
+        let plan: Vec<String> = scanned
+            .plan
+            .actions
+            .iter()
+            .filter(|a| !matches!(a.op, crate::plan::Op::DirMeta { .. }))
+            .map(|a| format!("{} {}", describe(a).0, a.rel))
+            .collect();
+        if self.guard.check(&scanned.plan).is_err() {
+            return None;
+        }
+        let applier = Applier {
+            source: &self.src,
+            replica: &self.rep,
+            backup: None,
+            bar: None,
+        };
+        let mut mem = self.memory.0.lock().expect("lock");
+        for d in scanned.drafts {
+            d.delta.apply(mem.entry(d.dir).or_default());
+        }
+        let racy_after = self.racy_after_ns;
+        let applied = applier.apply(&scanned.plan, |written, fixed| {
+            use std::os::unix::ffi::OsStrExt;
+            for (rel, w) in written {
+                let files = mem.entry(rel.parent().expect("a file")).or_default();
+                let name = rel.file_name().expect("a file").as_bytes().to_vec();
+                files.retain(|f| f.name != name);
+                files.push(CachedFile {
+                    name,
+                    src: w.src,
+                    rep: w.rep,
+                    hash: w.hash,
+                    src_racy: w.src.ctime_ns >= racy_after,
+                });
+            }
+            for (rel, version) in fixed {
+                let files = mem.entry(rel.parent().expect("a file")).or_default();
+                let name = rel.file_name().expect("a file").as_bytes().to_vec();
+                if let Some(f) = files.iter_mut().find(|f| f.name == name) {
+                    f.rep = version;
+                }
+            }
+        });
+        Some(Run {
+            plan,
+            applied,
+            hashed_files,
+        })
+    }
+}
+
+fn installs(calls: &[String]) -> Vec<&String> {
+    calls.iter().filter(|c| c.starts_with("install ")).collect()
+}
+
+#[test]
+fn new_files_are_copied_then_an_idle_pass_reads_nothing() {
+    let h = Harness::new(full_caps());
+    h.src.dir("d");
+    h.src.file("d/a", b"alpha", 0o644, 10);
+    h.src.link("l", "d/a");
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["MKDIR d", "CREATE d/a", "LINK l"]);
+    assert_eq!(run.applied.counts.created, 2);
+    assert_eq!(h.rep.get("d/a").expect("copied").data, b"alpha");
+    assert_eq!(h.rep.get("d/a").expect("copied").meta.perm, 0o644);
+    h.rep.take_calls();
+
+    let idle = h.pass().expect("not refused");
+    assert!(idle.plan.is_empty(), "{:?}", idle.plan);
+    assert_eq!(idle.hashed_files, 0, "the cache vouches for both sides");
+    assert!(installs(&h.rep.take_calls()).is_empty());
+}
+
+#[test]
+fn a_mode_or_mtime_change_is_a_metadata_fix_never_a_copy() {
+    let h = Harness::new(full_caps());
+    h.src.file("f", b"same", 0o644, 10);
+    h.pass().expect("first pass");
+    h.rep.take_calls();
+    h.src.edit("f", |n| {
+        n.meta.perm = 0o600;
+        n.meta.mtime.sec = 20;
+    });
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["META f"]);
+    assert_eq!(run.applied.counts.meta, 1);
+    let calls = h.rep.take_calls();
+    assert!(installs(&calls).is_empty(), "{calls:?}");
+    let f = h.rep.get("f").expect("kept");
+    assert_eq!((f.meta.perm, f.meta.mtime.sec), (0o600, 20));
+}
+
+#[test]
+fn a_content_change_of_the_same_size_is_copied() {
+    let h = Harness::new(full_caps());
+    h.src.file("f", b"one", 0o644, 10);
+    h.pass().expect("first pass");
+    h.src.edit("f", |n| n.data = b"two".to_vec());
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["UPDATE f"]);
+    assert_eq!(h.rep.get("f").expect("kept").data, b"two");
+}
+
+#[test]
+fn a_replica_file_changed_behind_syncer_is_drift_and_restored() {
+    let h = Harness::new(full_caps());
+    h.src.file("f", b"original", 0o644, 10);
+    h.pass().expect("first pass");
+    h.rep.edit("f", |n| n.data = b"tampered".to_vec());
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["DRIFT f"]);
+    assert_eq!(run.applied.counts.drifted, 1);
+    assert_eq!(h.rep.get("f").expect("kept").data, b"original");
+}
+
+#[test]
+fn a_racy_source_token_is_hashed_again_but_not_copied() {
+    let h = Harness::new(full_caps());
+    h.src.file("f", b"content", 0o644, 10);
+    h.src.edit("f", |n| n.ctime_ns = 5_000);
+    h.pass().expect("first pass");
+    h.rep.take_calls();
+    let run = h.pass().expect("not refused");
+    assert!(run.plan.is_empty(), "{:?}", run.plan);
+    assert_eq!(run.hashed_files, 1, "a racy token is not trusted");
+    assert!(installs(&h.rep.take_calls()).is_empty());
+    // Once the token is no longer racy (the pass started long after), it is trusted.
+    let later = Harness {
+        racy_after_ns: 10_000,
+        ..h
+    };
+    later.pass().expect("records a trusted token");
+    assert_eq!(later.pass().expect("idle").hashed_files, 0);
+}
+
+#[test]
+fn entries_gone_from_the_source_are_deleted() {
+    let h = Harness::new(full_caps());
+    h.src.dir("d");
+    h.src.file("d/a", b"a", 0o644, 1);
+    h.src.file("b", b"b", 0o644, 1);
+    h.pass().expect("first pass");
+    h.rep.file("extra", b"x", 0o644, 1);
+    h.rep.dir("olddir");
+    h.rep.file("olddir/x", b"x", 0o644, 1);
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["DELETE extra", "RMDIR olddir"]);
+    assert_eq!(run.applied.counts.deleted, 3);
+    assert_eq!(h.rep.paths(), ["b", "d", "d/a"]);
+}
+
+#[test]
+fn the_guard_refuses_emptying_a_large_replica_and_nothing_changes() {
+    let h = Harness::new(full_caps());
+    for i in 0..150 {
+        h.src.file(&format!("f{i:03}"), b"x", 0o644, 1);
+    }
+    h.pass().expect("first pass");
+    for i in 0..150 {
+        let path = rel(&format!("f{i:03}"));
+        SourceTree::list(&h.src, &RelPath::root()).expect("list");
+        Replica::remove(&h.src, &path, Kind::File).expect("remove from the source");
+    }
+    h.rep.take_calls();
+    assert!(h.pass().is_none(), "the default guard refuses");
+    assert_eq!(h.rep.paths().len(), 150);
+    assert!(
+        h.rep.take_calls().is_empty(),
+        "a refused pass changes nothing"
+    );
+}
+
+#[test]
+fn what_a_replica_cannot_keep_is_never_a_difference() {
+    let caps = Capabilities {
+        mode: false,
+        owner: false,
+        mtime_ns: None,
+        ..full_caps()
+    };
+    let h = Harness::new(caps);
+    h.src.file("f", b"data", 0o751, 10);
+    h.pass().expect("first pass");
+    h.rep.take_calls();
+    let again = h.pass().expect("not refused");
+    assert!(again.plan.is_empty(), "{:?}", again.plan);
+    h.src.edit("f", |n| {
+        n.meta.perm = 0o600;
+        n.meta.uid = 42;
+        n.meta.mtime.sec = 99;
+    });
+    let run = h.pass().expect("not refused");
+    assert!(run.plan.is_empty(), "{:?}", run.plan);
+    assert!(h.rep.take_calls().is_empty());
+    // The same change on a replica that keeps everything is a fix.
+    let full = Harness::new(full_caps());
+    full.src.file("f", b"data", 0o751, 10);
+    full.pass().expect("first pass");
+    full.src.edit("f", |n| n.meta.uid = 42);
+    assert_eq!(full.pass().expect("not refused").plan, ["META f"]);
+}
+
+#[test]
+fn coarse_mtime_precision_hides_sub_granularity_differences() {
+    let caps = Capabilities {
+        mtime_ns: Some(1_000_000_000),
+        ..full_caps()
+    };
+    let h = Harness::new(caps);
+    h.src.file("f", b"data", 0o644, 10);
+    h.pass().expect("first pass");
+    h.src.edit("f", |n| n.meta.mtime.nsec = 500);
+    assert!(h.pass().expect("not refused").plan.is_empty());
+    h.src.edit("f", |n| n.meta.mtime.sec = 11);
+    assert_eq!(h.pass().expect("not refused").plan, ["META f"]);
+}
+
+#[test]
+fn a_metadata_fix_leaves_a_replica_file_that_changed_since_the_scan() {
+    let h = Harness::new(full_caps());
+    h.src.file("f", b"same", 0o644, 10);
+    h.pass().expect("first pass");
+    h.src.edit("f", |n| n.meta.perm = 0o600);
+    let (scanned, _) = h.scan();
+    // Someone rewrites the replica file between the scan and the fix.
+    h.rep.edit("f", |n| n.data = b"SAME".to_vec());
+    let applier = Applier {
+        source: &h.src,
+        replica: &h.rep,
+        backup: None,
+        bar: None,
+    };
+    let applied = applier.apply(&scanned.plan, |_, _| {});
+    assert_eq!(applied.counts.skipped, 1);
+    assert_eq!(applied.counts.meta, 0);
+    assert_eq!(h.rep.get("f").expect("kept").meta.perm, 0o644);
+}

@@ -1,0 +1,710 @@
+//! A replica that is a local directory, reached only through its root handle (`anchor`):
+//! every write is an `*at` call relative to a directory handle resolved without following a
+//! symlink, or a call on the descriptor of the entry itself, so a user who owns a directory
+//! of the replica cannot redirect a root-run pass out of it by swapping that directory for a
+//! symlink. Such a swap makes the entry's operation fail with a `PathChanged` error; the next
+//! pass repairs the replica.
+//!
+//! Files land atomically: content goes to an exclusive `.syncer-*.tmp` file in the target's
+//! directory, gets its owner (when root), mode and times, and is renamed over the target.
+//! The version of an entry is its stat token (device, inode, size, mtime, ctime).
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags, Timespec, Timestamps};
+
+use super::{Capabilities, Content, CopyError, Installed, Replica, Sink};
+use crate::anchor::{self, Anchor, Resolver};
+use crate::error::{PathChanged, Side};
+use crate::model::{Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version};
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A local replica directory.
+pub struct LocalReplica {
+    path: PathBuf,
+    /// `None` when the root does not exist (and was not to be created).
+    anchor: Option<Anchor>,
+    caps: Capabilities,
+    backup: Option<Backup>,
+    /// Directories on other filesystems (mounted inside the replica) written since the last
+    /// commit, by device: `syncfs` of the root's filesystem does not reach them.
+    foreign: Mutex<HashMap<u64, OwnedFd>>,
+}
+
+/// This pass's backup folder, created on first use.
+struct Backup {
+    path: PathBuf,
+    root: OnceLock<Anchor>,
+}
+
+fn not_found() -> io::Error {
+    io::Error::from(io::ErrorKind::NotFound)
+}
+
+fn timestamps(meta: &Meta) -> Timestamps {
+    let ts = |s: Stamp| Timespec {
+        tv_sec: s.sec,
+        tv_nsec: s.nsec,
+    };
+    Timestamps {
+        last_access: ts(meta.atime),
+        last_modification: ts(meta.mtime),
+    }
+}
+
+fn ids(meta: &Meta) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+    (
+        Some(rustix::fs::Uid::from_raw(meta.uid)),
+        Some(rustix::fs::Gid::from_raw(meta.gid)),
+    )
+}
+
+/// A fresh temp name in a directory: `.syncer-<pid>-<n>.tmp`.
+fn temp_name() -> OsString {
+    OsString::from(format!(
+        ".syncer-{}-{}.tmp",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// See `replica::check_root`: the root may be missing (it is created by the first pass),
+/// but what exists must be a directory.
+pub fn check_root(path: &Path) -> Result<PathBuf, String> {
+    let canon = crate::config::resolve_existing_prefix(path);
+    match std::fs::symlink_metadata(&canon) {
+        Ok(m) if !m.is_dir() => Err(format!(
+            "replica '{}' exists and is not a directory",
+            crate::model::show(path)
+        )),
+        Ok(_) => Ok(canon),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(canon),
+        Err(e) => Err(format!(
+            "replica '{}' cannot be used: {}",
+            crate::model::show(path),
+            crate::error::reason(&e)
+        )),
+    }
+}
+
+impl LocalReplica {
+    /// Opens the replica at `path` (absolute, canonical as far as it exists). With `create`,
+    /// a missing root (and its missing parents) is created first.
+    pub fn open(path: &Path, create: bool, backup: Option<PathBuf>) -> io::Result<LocalReplica> {
+        if create {
+            std::fs::create_dir_all(path)?;
+        }
+        let anchor = match Anchor::open(path, Side::Replica, Resolver::Auto) {
+            Ok(a) => Some(a),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => None,
+            Err(e) => return Err(e),
+        };
+        Ok(LocalReplica {
+            path: path.to_path_buf(),
+            anchor,
+            caps: Capabilities {
+                mode: true,
+                owner: nix::unistd::geteuid().is_root(),
+                mtime_ns: Some(1),
+                symlinks: true,
+                empty_dirs: true,
+                hard_links: false,
+                xattrs: false,
+                atomic_rename: true,
+                read_back: true,
+            },
+            backup: backup.map(|path| Backup {
+                path,
+                root: OnceLock::new(),
+            }),
+            foreign: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The same, with a chosen path resolver (tests pin the component walk).
+    #[cfg(test)]
+    pub fn open_with(path: &Path, resolver: Resolver) -> io::Result<LocalReplica> {
+        let mut r = LocalReplica::open(path, true, None)?;
+        r.anchor = Some(Anchor::open(path, Side::Replica, resolver)?);
+        Ok(r)
+    }
+
+    fn anchor(&self) -> io::Result<&Anchor> {
+        self.anchor.as_ref().ok_or_else(not_found)
+    }
+
+    /// Remembers that a file was written on another filesystem than the root's.
+    fn note_dev(&self, dev: u64, dir: BorrowedFd<'_>) {
+        let Ok(anchor) = self.anchor() else { return };
+        if dev == anchor.dev() {
+            return;
+        }
+        let mut foreign = self.foreign.lock().expect("foreign lock");
+        if let std::collections::hash_map::Entry::Vacant(v) = foreign.entry(dev) {
+            if let Ok(fd) = rustix::fs::openat(
+                dir,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                v.insert(fd);
+            }
+        }
+    }
+
+    /// Owner (when kept), mode and times of an open file or directory.
+    fn apply_meta_fd(&self, fd: BorrowedFd<'_>, meta: &Meta) -> io::Result<()> {
+        if self.caps.owner {
+            let (u, g) = ids(meta);
+            rustix::fs::fchown(fd, u, g)?;
+        }
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.perm))?;
+        rustix::fs::futimens(fd, &timestamps(meta))?;
+        Ok(())
+    }
+
+    /// Owner (when kept) and times of the symlink `name` in `dir`, never following it.
+    fn apply_meta_link(&self, dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta) -> io::Result<()> {
+        if self.caps.owner {
+            let (u, g) = ids(meta);
+            rustix::fs::chownat(dir, name, u, g, AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        rustix::fs::utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(())
+    }
+
+    fn version_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Version>> {
+        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(anchor::from_stat(&st).1.to_version())),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The install after the temp file exists: fill it, give it its metadata, check the
+    /// source did not change, rename it over the target. Errors leave the temp to the caller.
+    fn fill_and_rename(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        tmp_name: &OsStr,
+        tmp: &mut File,
+        content: &mut dyn Content,
+        unless: Option<(&Hash, &Version)>,
+    ) -> Result<Installed, CopyError> {
+        let bytes = content.write_into(Sink::File(tmp))?;
+        let meta = *content.meta();
+        self.apply_meta_fd(tmp.as_fd(), &meta)
+            .map_err(CopyError::Replica)?;
+        let hash = content.finish()?;
+        if let Some((old, version)) = unless {
+            if *old == hash {
+                let now = Self::version_at(dir, name).map_err(CopyError::Replica)?;
+                if now.as_ref() == Some(version) {
+                    return Ok(Installed {
+                        version: version.clone(),
+                        hash,
+                        bytes: 0,
+                        unchanged: true,
+                    });
+                }
+            }
+        }
+        rustix::fs::renameat(dir, tmp_name, dir, name).map_err(|e| CopyError::Replica(e.into()))?;
+        let (_, token) =
+            anchor::from_stat(&rustix::fs::fstat(&*tmp).map_err(|e| CopyError::Replica(e.into()))?);
+        self.note_dev(token.dev, dir);
+        Ok(Installed {
+            version: token.to_version(),
+            hash,
+            bytes,
+            unchanged: false,
+        })
+    }
+
+    /// Removes the directory `name` in `dir` with everything below it, through handles only.
+    /// A directory below that turns into something else meanwhile is unlinked itself, never
+    /// entered.
+    fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), RemoveError> {
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(RemoveError::Top)?;
+        let below = |e: rustix::io::Errno| RemoveError::Below(e.into());
+        let sub = rustix::fs::openat(
+            &fd,
+            ".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(below)?;
+        for (child, meta, _) in anchor::list_fd(fd).map_err(RemoveError::Below)? {
+            let gone = if meta.kind == Kind::Dir {
+                match Self::remove_tree(sub.as_fd(), &child) {
+                    Err(RemoveError::Top(e)) if is_redirect(e) => {
+                        rustix::fs::unlinkat(&sub, child.as_os_str(), AtFlags::empty())
+                    }
+                    Err(RemoveError::Top(e)) => Err(e),
+                    Err(RemoveError::Below(e)) => return Err(RemoveError::Below(e)),
+                    Ok(()) => Ok(()),
+                }
+            } else {
+                rustix::fs::unlinkat(&sub, child.as_os_str(), AtFlags::empty())
+            };
+            match gone {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(below(e)),
+            }
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(RemoveError::Top)
+    }
+
+    /// The backup folder's handle on the parent of `rel`, creating the folders on the way
+    /// (component by component, never following a symlink).
+    fn backup_parent(&self, rel: &RelPath) -> io::Result<OwnedFd> {
+        let backup = self.backup.as_ref().ok_or_else(not_found)?;
+        let root = match backup.root.get() {
+            Some(a) => a,
+            None => {
+                std::fs::create_dir_all(&backup.path)?;
+                let a = Anchor::open(&backup.path, Side::Replica, Resolver::Auto)?;
+                let _ = backup.root.set(a);
+                backup.root.get().expect("just set")
+            }
+        };
+        let mut cur = rustix::fs::openat(
+            root.root_fd(),
+            ".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let Some(parent) = rel.parent() else {
+            return Ok(cur);
+        };
+        for c in parent.as_path().iter() {
+            match rustix::fs::mkdirat(&cur, c, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            cur = rustix::fs::openat(
+                &cur,
+                c,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+        }
+        Ok(cur)
+    }
+
+    fn sync_backup(&self) -> io::Result<()> {
+        if let Some(root) = self.backup.as_ref().and_then(|b| b.root.get()) {
+            let fd = rustix::fs::openat(
+                root.root_fd(),
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            rustix::fs::syncfs(&fd)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a tree removal failed: at the tree's own entry, or somewhere below it.
+enum RemoveError {
+    Top(rustix::io::Errno),
+    Below(io::Error),
+}
+
+/// The entry is not (or no longer) a directory: a symlink or a file took its place.
+fn is_redirect(e: rustix::io::Errno) -> bool {
+    matches!(e, rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)
+}
+
+/// Copies `name` in `from` to `name` in `to` (a backup across filesystems): files by content,
+/// links as links, directories recursively; never follows a symlink, never replaces.
+fn copy_tree(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let st = rustix::fs::statat(from, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    match Kind::of_mode(st.st_mode) {
+        Kind::Dir => {
+            match rustix::fs::mkdirat(to, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let src = rustix::fs::openat(
+                from,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let src_path = rustix::fs::openat(
+                &src,
+                ".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let dst = rustix::fs::openat(
+                to,
+                name,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            for (child, _, _) in anchor::list_fd(src)? {
+                copy_tree(src_path.as_fd(), dst.as_fd(), &child)?;
+            }
+            Ok(())
+        }
+        Kind::Symlink => {
+            let target = rustix::fs::readlinkat(from, name, Vec::new())?;
+            rustix::fs::symlinkat(target.as_bytes(), to, name)?;
+            Ok(())
+        }
+        Kind::File => copy_file_at(from, to, name),
+        Kind::Special => Ok(()),
+    }
+}
+
+fn copy_file_at(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let mut input = File::from(rustix::fs::openat(
+        from,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?);
+    let mut out = File::from(rustix::fs::openat(
+        to,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?);
+    io::copy(&mut input, &mut out)?;
+    out.flush()?;
+    out.sync_all()
+}
+
+impl Replica for LocalReplica {
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn root(&self) -> io::Result<Option<Meta>> {
+        match &self.anchor {
+            None => Ok(None),
+            Some(a) => Ok(Some(a.stat_root()?.0)),
+        }
+    }
+
+    fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>> {
+        Ok(self
+            .anchor()?
+            .list(dir)?
+            .into_iter()
+            .map(|(name, meta, token)| Entry {
+                name,
+                meta,
+                version: token.to_version(),
+            })
+            .collect())
+    }
+
+    fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>> {
+        Ok(self
+            .anchor()?
+            .stat(rel)?
+            .map(|(meta, token)| (meta, token.to_version())))
+    }
+
+    fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(self.anchor()?.open_file(rel)?))
+    }
+
+    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Version)> {
+        let (hash, token) = self.anchor()?.hash(rel, counters)?;
+        Ok((hash, token.to_version()))
+    }
+
+    fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf> {
+        self.anchor()?.read_link(rel)
+    }
+
+    fn install_file(
+        &self,
+        rel: &RelPath,
+        content: &mut dyn Content,
+        unless: Option<(&Hash, &Version)>,
+    ) -> Result<Installed, CopyError> {
+        let anchor = self.anchor().map_err(CopyError::Replica)?;
+        let (dir, name) = anchor.parent(rel).map_err(CopyError::Replica)?;
+        let (fd, tmp_name) = loop {
+            let tmp_name = temp_name();
+            match rustix::fs::openat(
+                &dir,
+                tmp_name.as_os_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => break (fd, tmp_name),
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(CopyError::Replica(e.into())),
+            }
+        };
+        let mut tmp = File::from(fd);
+        let result = self.fill_and_rename(dir.as_fd(), name, &tmp_name, &mut tmp, content, unless);
+        if !matches!(
+            result,
+            Ok(Installed {
+                unchanged: false,
+                ..
+            })
+        ) {
+            let _ = rustix::fs::unlinkat(&dir, tmp_name.as_os_str(), AtFlags::empty());
+        }
+        result
+    }
+
+    fn mkdir(&self, rel: &RelPath) -> io::Result<()> {
+        let (dir, name) = self.anchor()?.parent(rel)?;
+        rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))?;
+        Ok(())
+    }
+
+    fn symlink(&self, rel: &RelPath, target: &Path, meta: &Meta) -> io::Result<()> {
+        let (dir, name) = self.anchor()?.parent(rel)?;
+        let tmp = temp_name();
+        rustix::fs::symlinkat(target, &dir, tmp.as_os_str())?;
+        let finish = || -> io::Result<()> {
+            self.apply_meta_link(dir.as_fd(), &tmp, meta)?;
+            rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, name)?;
+            Ok(())
+        };
+        finish().inspect_err(|_| {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_os_str(), AtFlags::empty());
+        })
+    }
+
+    fn set_meta(
+        &self,
+        rel: &RelPath,
+        meta: &Meta,
+        expect: Option<&Version>,
+    ) -> io::Result<Option<Version>> {
+        let anchor = self.anchor()?;
+        if meta.kind == Kind::Symlink {
+            let (dir, name) = anchor.parent(rel)?;
+            let now = Self::version_at(dir.as_fd(), name)?.ok_or_else(not_found)?;
+            if expect.is_some_and(|v| *v != now) {
+                return Ok(None);
+            }
+            self.apply_meta_link(dir.as_fd(), name, meta)?;
+            return Self::version_at(dir.as_fd(), name);
+        }
+        let mut flags = OFlags::RDONLY | OFlags::NONBLOCK;
+        if meta.kind == Kind::Dir {
+            flags |= OFlags::DIRECTORY;
+        }
+        let fd = anchor.open_at(rel, flags, meta.kind)?;
+        let (found, token) = anchor::from_stat(&rustix::fs::fstat(&fd)?);
+        if found.kind != meta.kind {
+            return Err(PathChanged {
+                side: Side::Replica,
+                component: rel.clone(),
+                expected: meta.kind,
+            }
+            .into_io());
+        }
+        if expect.is_some_and(|v| *v != token.to_version()) {
+            return Ok(None);
+        }
+        self.apply_meta_fd(fd.as_fd(), meta)?;
+        Ok(Some(anchor::token_of(&fd)?.to_version()))
+    }
+
+    fn remove(&self, rel: &RelPath, kind: Kind) -> io::Result<()> {
+        let (dir, name) = self.anchor()?.parent(rel)?;
+        if kind != Kind::Dir {
+            return Ok(rustix::fs::unlinkat(&dir, name, AtFlags::empty())?);
+        }
+        match Self::remove_tree(dir.as_fd(), name) {
+            Err(RemoveError::Top(e)) if is_redirect(e) => Err(PathChanged {
+                side: Side::Replica,
+                component: rel.clone(),
+                expected: Kind::Dir,
+            }
+            .into_io()),
+            Err(RemoveError::Top(e)) => Err(e.into()),
+            Err(RemoveError::Below(e)) => Err(e),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        let anchor = self.anchor()?;
+        let (a, an) = anchor.parent(from)?;
+        let (b, bn) = anchor.parent(to)?;
+        rustix::fs::renameat_with(&a, an, &b, bn, RenameFlags::NOREPLACE)?;
+        Ok(())
+    }
+
+    fn backup(&self, rel: &RelPath, keep: bool) -> io::Result<()> {
+        let (dir, name) = self.anchor()?.parent(rel)?;
+        let to = self.backup_parent(rel)?;
+        if keep {
+            // A hard link keeps the replica file in place until the install's rename
+            // replaces it; `linkat` never replaces an existing backup.
+            return match rustix::fs::linkat(&dir, name, &to, name, AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+                Err(rustix::io::Errno::XDEV) => copy_file_at(dir.as_fd(), to.as_fd(), name),
+                Err(e) => Err(e.into()),
+            };
+        }
+        match rustix::fs::renameat_with(&dir, name, &to, name, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::XDEV) => {
+                // Across filesystems: a durable copy first, then the replica entry goes.
+                copy_tree(dir.as_fd(), to.as_fd(), name)?;
+                self.sync_backup()?;
+                let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                self.remove(rel, Kind::of_mode(st.st_mode))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn commit(&self) -> io::Result<()> {
+        let anchor = self.anchor()?;
+        rustix::fs::syncfs(anchor.root_fd())?;
+        let foreign: Vec<OwnedFd> = self
+            .foreign
+            .lock()
+            .expect("foreign lock")
+            .drain()
+            .map(|(_, fd)| fd)
+            .collect();
+        for fd in foreign {
+            rustix::fs::syncfs(&fd)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> io::Result<Option<Box<dyn Send>>> {
+        let Some(anchor) = &self.anchor else {
+            return Ok(None);
+        };
+        // A descriptor of its own: the lock must outlive this replica object.
+        let fd = rustix::fs::openat(
+            anchor.root_fd(),
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(Box::new(fd))),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl std::fmt::Debug for LocalReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalReplica({})", crate::model::show(&self.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes())
+    }
+
+    #[test]
+    fn no_write_goes_through_a_directory_swapped_for_a_symlink() {
+        for resolver in [Resolver::Auto, Resolver::Walk] {
+            let t = tempfile::tempdir().expect("tempdir");
+            let root = t.path().join("rep");
+            let outside = t.path().join("outside");
+            std::fs::create_dir_all(root.join("u/d")).expect("mkdir");
+            std::fs::create_dir_all(&outside).expect("mkdir");
+            std::fs::write(outside.join("f"), b"keep").expect("write");
+            let r = LocalReplica::open_with(&root, resolver).expect("open");
+            std::fs::remove_dir(root.join("u/d")).expect("rmdir");
+            symlink(&outside, root.join("u/d")).expect("symlink");
+            let meta = Meta {
+                kind: Kind::Dir,
+                perm: 0o777,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: Stamp { sec: 1, nsec: 0 },
+                atime: Stamp { sec: 1, nsec: 0 },
+            };
+            let before = std::fs::metadata(&outside).expect("stat");
+            assert!(r.mkdir(&rel("u/d/new")).is_err());
+            assert!(r.set_meta(&rel("u/d"), &meta, None).is_err());
+            let file_meta = Meta {
+                kind: Kind::File,
+                ..meta
+            };
+            assert!(r.set_meta(&rel("u/d/f"), &file_meta, None).is_err());
+            assert!(r.remove(&rel("u/d/f"), Kind::File).is_err());
+            assert!(r.symlink(&rel("u/d/l"), Path::new("x"), &meta).is_err());
+            assert!(r.rename(&rel("u/x"), &rel("u/d/y")).is_err());
+            let err = r.remove(&rel("u/d"), Kind::Dir).unwrap_err();
+            assert!(PathChanged::of(&err).is_some(), "{err}");
+            let after = std::fs::metadata(&outside).expect("stat");
+            assert_eq!(before.permissions(), after.permissions());
+            assert_eq!(before.modified().ok(), after.modified().ok());
+            let names: Vec<_> = std::fs::read_dir(&outside)
+                .expect("ls")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert_eq!(names, vec![OsString::from("f")]);
+            assert_eq!(std::fs::read(outside.join("f")).expect("read"), b"keep");
+        }
+    }
+
+    #[test]
+    fn rename_never_replaces_and_removes_trees_through_handles() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("rep");
+        std::fs::create_dir_all(root.join("a/b/c")).expect("mkdir");
+        std::fs::write(root.join("a/b/c/f"), b"x").expect("write");
+        std::fs::write(root.join("g"), b"y").expect("write");
+        std::fs::write(root.join("h"), b"z").expect("write");
+        let r = LocalReplica::open(&root, false, None).expect("open");
+        assert!(r.rename(&rel("g"), &rel("h")).is_err());
+        r.rename(&rel("g"), &rel("a/g")).expect("rename");
+        assert_eq!(std::fs::read(root.join("a/g")).expect("read"), b"y");
+        r.remove(&rel("a"), Kind::Dir).expect("remove");
+        assert!(!root.join("a").exists());
+    }
+
+    #[test]
+    fn lock_is_exclusive_between_two_handles() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let a = LocalReplica::open(t.path(), false, None).expect("open");
+        let b = LocalReplica::open(t.path(), false, None).expect("open");
+        let held = a.lock().expect("lock");
+        assert!(held.is_some());
+        assert_eq!(
+            b.lock().map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        drop(held);
+        assert!(b.lock().expect("lock").is_some());
+    }
+}

@@ -1,0 +1,191 @@
+//! The replica interface: the only way any stage reaches the replica. [`Replica`] lists,
+//! stats, reads (to hash), installs files atomically from a [`Content`] stream plus metadata
+//! (never from a source path), makes directories and symlinks, sets metadata, removes,
+//! renames, backs up, commits (durability) and locks. [`Capabilities`] says which metadata a
+//! replica keeps, so compare never reports a difference the replica cannot hold, and a
+//! replica's version of an entry ([`Version`]) is opaque: only its implementation reads it.
+//!
+//! Implementations: `local` (a directory, anchored on a handle so no symlink can redirect a
+//! write) and, for in-process tests, `fake` (memory). An object store is the next peer.
+
+pub mod local;
+
+#[cfg(test)]
+pub mod fake;
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Token, Version};
+
+/// Which metadata a replica keeps, and what it can do. Compare consults it: what a replica
+/// cannot keep is never a difference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Permission bits (with setuid/setgid/sticky).
+    pub mode: bool,
+    /// Owner and group (a local replica: only when running as root).
+    pub owner: bool,
+    /// Modification times, to this many nanoseconds (1: exact); `None`: not kept.
+    pub mtime_ns: Option<u64>,
+    pub symlinks: bool,
+    pub empty_dirs: bool,
+    pub hard_links: bool,
+    pub xattrs: bool,
+    /// A rename replaces its target atomically.
+    pub atomic_rename: bool,
+    /// Content can be read back (to hash it, or to restore).
+    pub read_back: bool,
+}
+
+impl Capabilities {
+    /// True when `src` and `rep` differ in metadata this replica keeps. Symlink modes are
+    /// never compared (they mean nothing on Linux).
+    pub fn meta_differs(&self, src: &Meta, rep: &Meta) -> bool {
+        let mode = self.mode && src.kind != Kind::Symlink && src.perm != rep.perm;
+        let owner = self.owner && (src.uid != rep.uid || src.gid != rep.gid);
+        let mtime = self.mtime_ns.is_some_and(|g| {
+            let g = g.max(1) as i128;
+            src.mtime.as_ns().div_euclid(g) != rep.mtime.as_ns().div_euclid(g)
+        });
+        mode || owner || mtime
+    }
+}
+
+/// Where a copy's bytes go: a local file (the kernel may copy into it directly) or a stream.
+pub enum Sink<'a> {
+    File(&'a mut File),
+    Stream(&'a mut dyn Write),
+}
+
+/// A file's content on its way into the replica, with the metadata it must get. The source
+/// side implements it; the replica pulls the bytes and never learns where they came from.
+pub trait Content: Send {
+    /// The metadata the replica entry must get (the source's, as it was opened).
+    fn meta(&self) -> &Meta;
+    /// The source's version while it was copied (what the cache records for the source).
+    fn token(&self) -> Token;
+    /// Writes the whole content into `out` and returns the number of bytes written. A read
+    /// failure is `CopyError::Source`, a write failure `CopyError::Replica`.
+    fn write_into(&mut self, out: Sink<'_>) -> Result<u64, CopyError>;
+    /// Once everything was written: the content's sha256, or `CopyError::Changed` when the
+    /// source changed since it was opened (the replica then drops what it wrote).
+    fn finish(&mut self) -> Result<Hash, CopyError>;
+}
+
+#[derive(Debug)]
+pub enum CopyError {
+    /// The source changed while it was copied; nothing was installed.
+    Changed,
+    /// Reading the source failed (it may have vanished).
+    Source(io::Error),
+    /// Writing into the replica failed.
+    Replica(io::Error),
+}
+
+/// The result of installing one file.
+#[derive(Clone, Debug)]
+pub struct Installed {
+    /// The replica entry's version after the install.
+    pub version: Version,
+    pub hash: Hash,
+    /// Bytes written (0 when `unchanged`).
+    pub bytes: u64,
+    /// The content equalled the `unless` hash and the entry still had its version: nothing
+    /// was installed, only metadata may need fixing.
+    pub unchanged: bool,
+}
+
+/// What a pass needs from a replica. Paths are relative to the replica's root; every method
+/// is safe to call from many threads at once.
+pub trait Replica: Send + Sync {
+    fn capabilities(&self) -> Capabilities;
+
+    /// The root's metadata, `None` when the replica does not exist yet (a dry run of a first
+    /// pass).
+    fn root(&self) -> io::Result<Option<Meta>>;
+
+    /// Lists a directory, sorted by name bytes.
+    fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>>;
+
+    /// Metadata and version of one entry, `None` if it does not exist.
+    fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>>;
+
+    /// Opens a file to read it back.
+    fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>>;
+
+    /// Hashes a file: its sha256 and the version it had while it was read. The default reads
+    /// it through `read` between two `stat`s and fails if the version moved.
+    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Version)> {
+        let before = self.stat(rel)?.ok_or(io::ErrorKind::NotFound)?;
+        let mut reader = self.read(rel)?;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let n = io::copy(&mut reader, &mut hasher)?;
+        let after = self.stat(rel)?.ok_or(io::ErrorKind::NotFound)?;
+        if before.1 != after.1 {
+            return Err(io::Error::other("file changed while it was read"));
+        }
+        counters.add(n);
+        Ok((Hash(sha2::Digest::finalize(hasher).into()), after.1))
+    }
+
+    /// The target of a symlink.
+    fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf>;
+
+    /// Installs a file atomically: readers see the old entry or the new one, never a torn
+    /// one. With `unless = (hash, version)`, a content whose hash equals `hash` while the
+    /// entry still has `version` is not installed (`Installed::unchanged`).
+    fn install_file(
+        &self,
+        rel: &RelPath,
+        content: &mut dyn Content,
+        unless: Option<(&Hash, &Version)>,
+    ) -> Result<Installed, CopyError>;
+
+    /// Makes a directory (private until `set_meta` gives it its mode, after its children).
+    fn mkdir(&self, rel: &RelPath) -> io::Result<()>;
+
+    /// Creates or replaces a symlink atomically, with the owner and times of `meta`.
+    fn symlink(&self, rel: &RelPath, target: &Path, meta: &Meta) -> io::Result<()>;
+
+    /// Sets the metadata of an existing entry and returns its new version. With `expect`, an
+    /// entry whose version is no longer that is left alone (`Ok(None)`).
+    fn set_meta(
+        &self,
+        rel: &RelPath,
+        meta: &Meta,
+        expect: Option<&Version>,
+    ) -> io::Result<Option<Version>>;
+
+    /// Removes an entry; a directory with everything below it.
+    fn remove(&self, rel: &RelPath, kind: Kind) -> io::Result<()>;
+
+    /// Renames an entry; never replaces an existing `to`.
+    fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()>;
+
+    /// Keeps the entry at `rel` in this pass's backup area (`--backup-dir`): moved there, or
+    /// with `keep`, copied (the entry stays until an install replaces it). Never replaces an
+    /// existing backup.
+    fn backup(&self, rel: &RelPath, keep: bool) -> io::Result<()>;
+
+    /// Makes everything written so far durable.
+    fn commit(&self) -> io::Result<()>;
+
+    /// Takes the replica's own lock (one writer at a time), held until the guard is dropped;
+    /// `Ok(None)` when there is nothing to lock yet. Busy: `ErrorKind::WouldBlock`.
+    fn lock(&self) -> io::Result<Option<Box<dyn Send>>>;
+}
+
+/// Validates the replica the user named, before anything is written, and returns the form
+/// every later step uses (a local directory: absolute, canonical as far as it exists). `Err`
+/// is the one-line reason (exit 2).
+pub fn check_root(path: &Path) -> Result<PathBuf, String> {
+    local::check_root(path)
+}
+
+/// Opens the replica at `path` for one pass. `create`: make the root if it is missing.
+/// `backup`: this pass's backup folder (`<backup-dir>/<pass time>`).
+pub fn open(path: &Path, create: bool, backup: Option<PathBuf>) -> io::Result<Box<dyn Replica>> {
+    Ok(Box::new(local::LocalReplica::open(path, create, backup)?))
+}
