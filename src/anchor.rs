@@ -127,13 +127,7 @@ impl Anchor {
         let mut cur: Option<OwnedFd> = None;
         for name in dirs {
             let at = cur.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
-            let next = rustix::fs::openat(
-                at,
-                *name,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| self.explain(rel, e, last))?;
+            let next = subdir(at, name, OFlags::PATH).map_err(|e| self.explain(rel, e, last))?;
             cur = Some(next);
         }
         let at = cur.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
@@ -158,17 +152,10 @@ impl Anchor {
             let kind = rustix::fs::statat(at, *name, AtFlags::SYMLINK_NOFOLLOW)
                 .map(|s| Kind::of_mode(s.st_mode));
             match kind {
-                Ok(Kind::Dir) if !is_last => {
-                    match rustix::fs::openat(
-                        at,
-                        *name,
-                        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    ) {
-                        Ok(fd) => cur = Some(fd),
-                        Err(_) => break,
-                    }
-                }
+                Ok(Kind::Dir) if !is_last => match subdir(at, name, OFlags::PATH) {
+                    Ok(fd) => cur = Some(fd),
+                    Err(_) => break,
+                },
                 Ok(_) if !is_last => {
                     return self.changed(so_far, Kind::Dir);
                 }
@@ -242,8 +229,12 @@ impl Anchor {
     /// The target of the symlink `rel`, never following it.
     pub fn read_link(&self, rel: &RelPath) -> io::Result<std::path::PathBuf> {
         let (dir, name) = self.parent(rel)?;
-        let target = rustix::fs::readlinkat(&dir, name, Vec::new())?;
-        Ok(OsString::from_vec(target.into_bytes()).into())
+        match rustix::fs::readlinkat(&dir, name, Vec::new()) {
+            Ok(target) => Ok(OsString::from_vec(target.into_bytes()).into()),
+            // EINVAL: something else than a symlink took its place.
+            Err(rustix::io::Errno::INVAL) => Err(self.changed(rel.clone(), Kind::Symlink)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Hashes the regular file `rel`: the digest and the token it had while it was read.
@@ -251,6 +242,28 @@ impl Anchor {
         let mut file = self.open_file(rel)?;
         hash_file(&mut file, counters)
     }
+}
+
+/// `fd`'s directory opened again (`.`) with `flags`: a readable descriptor from an `O_PATH`
+/// one, or a descriptor of one's own that outlives the first.
+pub fn reopen(fd: impl AsFd, flags: OFlags) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        fd,
+        ".",
+        flags | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// The directory `name` in `dir`, with `flags`, never following a symlink (`ELOOP` or
+/// `ENOTDIR` when `name` is not a directory).
+pub fn subdir(dir: impl AsFd, name: &OsStr, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        flags | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// Lists an open directory (see [`Anchor::list`]).

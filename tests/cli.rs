@@ -11,3 +11,5 @@ mod daemon;
 mod engine;
 #[path = "cli/safety.rs"]
 mod safety;
+#[path = "cli/security.rs"]
+mod security;

@@ -42,19 +42,9 @@ pub struct Fake {
     pub calls: Mutex<Vec<String>>,
 }
 
-/// Everything a local replica keeps.
+/// Everything a local replica keeps when running as root.
 pub fn full_caps() -> Capabilities {
-    Capabilities {
-        mode: true,
-        owner: true,
-        mtime_ns: Some(1),
-        symlinks: true,
-        empty_dirs: true,
-        hard_links: false,
-        xattrs: false,
-        atomic_rename: true,
-        read_back: true,
-    }
+    super::local::capabilities(true)
 }
 
 pub fn rel(s: &str) -> RelPath {
@@ -208,6 +198,19 @@ impl Fake {
         Ok(out)
     }
 
+    /// A directory's entries, each with the version `version` makes of its node.
+    fn entries<V>(&self, dir: &RelPath, version: impl Fn(&Node) -> V) -> io::Result<Vec<Entry<V>>> {
+        Ok(self
+            .children(dir)?
+            .into_iter()
+            .map(|(k, n)| Entry {
+                name: k.file_name().expect("not the root").to_os_string(),
+                meta: n.meta,
+                version: version(&n),
+            })
+            .collect())
+    }
+
     fn token(n: &Node) -> Token {
         Token {
             dev: 1,
@@ -283,15 +286,7 @@ impl SourceTree for Fake {
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>> {
-        Ok(self
-            .children(dir)?
-            .into_iter()
-            .map(|(k, n)| Entry {
-                name: k.file_name().expect("not the root").to_os_string(),
-                meta: n.meta,
-                version: Fake::token(&n),
-            })
-            .collect())
+        self.entries(dir, Fake::token)
     }
 
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {
@@ -331,15 +326,7 @@ impl Replica for Fake {
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>> {
-        Ok(self
-            .children(dir)?
-            .into_iter()
-            .map(|(k, n)| Entry {
-                name: k.file_name().expect("not the root").to_os_string(),
-                meta: n.meta,
-                version: version_of(n.version),
-            })
-            .collect())
+        self.entries(dir, |n| version_of(n.version))
     }
 
     fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>> {

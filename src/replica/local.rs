@@ -95,6 +95,21 @@ pub fn check_root(path: &Path) -> Result<PathBuf, String> {
     }
 }
 
+/// What a local directory keeps. `owner`: chown works (syncer runs as root).
+pub fn capabilities(owner: bool) -> Capabilities {
+    Capabilities {
+        mode: true,
+        owner,
+        mtime_ns: Some(1),
+        symlinks: true,
+        empty_dirs: true,
+        hard_links: false,
+        xattrs: false,
+        atomic_rename: true,
+        read_back: true,
+    }
+}
+
 impl LocalReplica {
     /// Opens the replica at `path` (absolute, canonical as far as it exists). With `create`,
     /// a missing root (and its missing parents) is created first.
@@ -110,17 +125,7 @@ impl LocalReplica {
         Ok(LocalReplica {
             path: path.to_path_buf(),
             anchor,
-            caps: Capabilities {
-                mode: true,
-                owner: nix::unistd::geteuid().is_root(),
-                mtime_ns: Some(1),
-                symlinks: true,
-                empty_dirs: true,
-                hard_links: false,
-                xattrs: false,
-                atomic_rename: true,
-                read_back: true,
-            },
+            caps: capabilities(nix::unistd::geteuid().is_root()),
             backup: backup.map(|path| Backup {
                 path,
                 root: OnceLock::new(),
@@ -149,12 +154,7 @@ impl LocalReplica {
         }
         let mut foreign = self.foreign.lock().expect("foreign lock");
         if let std::collections::hash_map::Entry::Vacant(v) = foreign.entry(dev) {
-            if let Ok(fd) = rustix::fs::openat(
-                dir,
-                ".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
+            if let Ok(fd) = anchor::reopen(dir, OFlags::RDONLY) {
                 v.insert(fd);
             }
         }
@@ -234,21 +234,9 @@ impl LocalReplica {
     /// A directory below that turns into something else meanwhile is unlinked itself, never
     /// entered.
     fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), RemoveError> {
-        let fd = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(RemoveError::Top)?;
+        let fd = anchor::subdir(dir, name, OFlags::RDONLY).map_err(RemoveError::Top)?;
         let below = |e: rustix::io::Errno| RemoveError::Below(e.into());
-        let sub = rustix::fs::openat(
-            &fd,
-            ".",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(below)?;
+        let sub = anchor::reopen(&fd, OFlags::PATH).map_err(RemoveError::Below)?;
         for (child, meta, _) in anchor::list_fd(fd).map_err(RemoveError::Below)? {
             let gone = if meta.kind == Kind::Dir {
                 match Self::remove_tree(sub.as_fd(), &child) {
@@ -283,12 +271,7 @@ impl LocalReplica {
                 backup.root.get().expect("just set")
             }
         };
-        let mut cur = rustix::fs::openat(
-            root.root_fd(),
-            ".",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let mut cur = anchor::reopen(root.root_fd(), OFlags::PATH)?;
         let Some(parent) = rel.parent() else {
             return Ok(cur);
         };
@@ -297,25 +280,14 @@ impl LocalReplica {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(e.into()),
             }
-            cur = rustix::fs::openat(
-                &cur,
-                c,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
+            cur = anchor::subdir(&cur, c, OFlags::PATH)?;
         }
         Ok(cur)
     }
 
     fn sync_backup(&self) -> io::Result<()> {
         if let Some(root) = self.backup.as_ref().and_then(|b| b.root.get()) {
-            let fd = rustix::fs::openat(
-                root.root_fd(),
-                ".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            rustix::fs::syncfs(&fd)?;
+            rustix::fs::syncfs(anchor::reopen(root.root_fd(), OFlags::RDONLY)?)?;
         }
         Ok(())
     }
@@ -342,24 +314,9 @@ fn copy_tree(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &OsStr) -> io::Resu
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(e.into()),
             }
-            let src = rustix::fs::openat(
-                from,
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            let src_path = rustix::fs::openat(
-                &src,
-                ".",
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            let dst = rustix::fs::openat(
-                to,
-                name,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
+            let src = anchor::subdir(from, name, OFlags::RDONLY)?;
+            let src_path = anchor::reopen(&src, OFlags::PATH)?;
+            let dst = anchor::subdir(to, name, OFlags::PATH)?;
             for (child, _, _) in anchor::list_fd(src)? {
                 copy_tree(src_path.as_fd(), dst.as_fd(), &child)?;
             }
@@ -533,7 +490,17 @@ impl Replica for LocalReplica {
     fn remove(&self, rel: &RelPath, kind: Kind) -> io::Result<()> {
         let (dir, name) = self.anchor()?.parent(rel)?;
         if kind != Kind::Dir {
-            return Ok(rustix::fs::unlinkat(&dir, name, AtFlags::empty())?);
+            return match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+                Ok(()) => Ok(()),
+                // A directory took its place: not what the plan saw; the next pass decides.
+                Err(rustix::io::Errno::ISDIR) => Err(PathChanged {
+                    side: Side::Replica,
+                    component: rel.clone(),
+                    expected: kind,
+                }
+                .into_io()),
+                Err(e) => Err(e.into()),
+            };
         }
         match Self::remove_tree(dir.as_fd(), name) {
             Err(RemoveError::Top(e)) if is_redirect(e) => Err(PathChanged {
@@ -602,12 +569,7 @@ impl Replica for LocalReplica {
             return Ok(None);
         };
         // A descriptor of its own: the lock must outlive this replica object.
-        let fd = rustix::fs::openat(
-            anchor.root_fd(),
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let fd = anchor::reopen(anchor.root_fd(), OFlags::RDONLY)?;
         match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(Box::new(fd))),
             Err(rustix::io::Errno::WOULDBLOCK) => Err(io::ErrorKind::WouldBlock.into()),

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_syncer"))
+    // SYNCER_TEST_BIN=/path/to/syncer runs the tests against another build (e.g. an old one).
+    std::env::var_os("SYNCER_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_syncer")))
 }
 
 pub fn syncer() -> Command {
