@@ -36,9 +36,64 @@ thread_local! {
     pub static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CHUNK]);
 }
 
-/// False once `openat2` answered `ENOSYS` (a kernel older than 5.6): every later resolution
-/// walks component by component.
+/// False once `openat2` is known to be unusable: `ENOSYS` (a kernel older than 5.6) or
+/// `EPERM` (a seccomp filter that does not know it, as older container profiles do). Every
+/// later resolution then walks component by component. Probed on the first root opened.
 static HAVE_OPENAT2: AtomicBool = AtomicBool::new(true);
+static PROBED: std::sync::Once = std::sync::Once::new();
+
+fn probe_openat2(root: &OwnedFd) {
+    PROBED.call_once(|| {
+        let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        if let Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) =
+            rustix::fs::openat2(root, ".", flags, Mode::empty(), how)
+        {
+            HAVE_OPENAT2.store(false, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Opens the absolute path of a root, component by component from `/`, never following a
+/// symlink: the path was made canonical when the command started, so a symlink in it now
+/// was put there since. With `create`, missing directories are made on the way (mode 0777
+/// less the umask, as `mkdir -p` does).
+pub fn open_root(path: &Path, create: bool) -> io::Result<OwnedFd> {
+    let not_a_dir = |prefix: &Path| {
+        io::Error::other(format!(
+            "'{}' is no longer a directory (a symlink or something else took its place)",
+            crate::model::show(prefix)
+        ))
+    };
+    let mut cur = rustix::fs::open(
+        "/",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut prefix = std::path::PathBuf::from("/");
+    for c in path.components() {
+        let name = match c {
+            Component::RootDir => continue,
+            Component::Normal(n) => n,
+            _ => return Err(io::Error::other("the root path is not canonical")),
+        };
+        prefix.push(name);
+        if create {
+            match rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(0o777)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        cur = match subdir(&cur, name, OFlags::PATH) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                return Err(not_a_dir(&prefix))
+            }
+            Err(e) => return Err(e.into()),
+        };
+    }
+    reopen(&cur, OFlags::RDONLY)
+}
 
 /// How paths are resolved beneath the root.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,14 +113,11 @@ pub struct Anchor {
 }
 
 impl Anchor {
-    /// Opens `path` as a root. The path is the user's (already validated and canonical); only
-    /// its last component is checked here: it must be a directory and not a symlink.
-    pub fn open(path: &Path, side: Side, resolver: Resolver) -> io::Result<Anchor> {
-        let root = rustix::fs::open(
-            path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+    /// Opens `path` as a root (see [`open_root`]): the user's path, validated and made
+    /// canonical when the command started; no component of it may be a symlink now.
+    pub fn open(path: &Path, side: Side, resolver: Resolver, create: bool) -> io::Result<Anchor> {
+        let root = open_root(path, create)?;
+        probe_openat2(&root);
         let dev = rustix::fs::fstat(&root)?.st_dev;
         Ok(Anchor {
             root,
@@ -394,7 +446,7 @@ mod tests {
     fn both_resolvers_open_paths_beneath_the_root() {
         let t = tree();
         for r in [Resolver::Auto, Resolver::Walk] {
-            let a = Anchor::open(&t.path().join("root"), Side::Replica, r).expect("open");
+            let a = Anchor::open(&t.path().join("root"), Side::Replica, r, false).expect("open");
             let names: Vec<_> = a
                 .list(&rel("a"))
                 .expect("list")
@@ -416,7 +468,7 @@ mod tests {
         std::fs::rename(root.join("a/b"), root.join("a/b-old")).expect("rename");
         std::os::unix::fs::symlink(t.path().join("outside"), root.join("a/b")).expect("symlink");
         for r in [Resolver::Auto, Resolver::Walk] {
-            let a = Anchor::open(&root, Side::Replica, r).expect("open");
+            let a = Anchor::open(&root, Side::Replica, r, false).expect("open");
             let err = a
                 .hash(&rel("a/b/secret"), &HashCounters::default())
                 .unwrap_err();
@@ -435,9 +487,41 @@ mod tests {
     }
 
     #[test]
+    fn a_relative_symlink_into_another_directory_of_the_tree_is_not_followed_either() {
+        let t = tree();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("v")).expect("mkdir");
+        std::fs::write(root.join("v/victim"), b"v").expect("write");
+        std::fs::rename(root.join("a/b"), root.join("a/b-old")).expect("rename");
+        std::os::unix::fs::symlink("../v", root.join("a/b")).expect("symlink");
+        for r in [Resolver::Auto, Resolver::Walk] {
+            let a = Anchor::open(&root, Side::Replica, r, false).expect("open");
+            let err = a
+                .hash(&rel("a/b/victim"), &HashCounters::default())
+                .unwrap_err();
+            let changed = PathChanged::of(&err).expect("a PathChanged error");
+            assert_eq!(changed.component, rel("a/b"), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_root_path_with_a_symlink_component_is_refused_and_created_without_following() {
+        let t = tree();
+        std::os::unix::fs::symlink(t.path().join("outside"), t.path().join("via")).expect("ln");
+        let err = open_root(&t.path().join("via/new"), true).unwrap_err();
+        assert!(err.to_string().contains("no longer a directory"), "{err}");
+        assert!(
+            !t.path().join("outside/new").exists(),
+            "created through the link"
+        );
+        open_root(&t.path().join("made/deep"), true).expect("created");
+        assert!(t.path().join("made/deep").is_dir());
+    }
+
+    #[test]
     fn the_root_itself_must_not_be_a_symlink() {
         let t = tree();
         std::os::unix::fs::symlink(t.path().join("root"), t.path().join("link")).expect("ln");
-        assert!(Anchor::open(&t.path().join("link"), Side::Source, Resolver::Auto).is_err());
+        assert!(Anchor::open(&t.path().join("link"), Side::Source, Resolver::Auto, false).is_err());
     }
 }

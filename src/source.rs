@@ -52,7 +52,7 @@ pub struct LocalSource {
 impl LocalSource {
     pub fn open(path: &Path) -> io::Result<LocalSource> {
         Ok(LocalSource {
-            anchor: Anchor::open(path, Side::Source, Resolver::Auto)?,
+            anchor: Anchor::open(path, Side::Source, Resolver::Auto, false)?,
         })
     }
 }

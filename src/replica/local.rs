@@ -114,10 +114,7 @@ impl LocalReplica {
     /// Opens the replica at `path` (absolute, canonical as far as it exists). With `create`,
     /// a missing root (and its missing parents) is created first.
     pub fn open(path: &Path, create: bool, backup: Option<PathBuf>) -> io::Result<LocalReplica> {
-        if create {
-            std::fs::create_dir_all(path)?;
-        }
-        let anchor = match Anchor::open(path, Side::Replica, Resolver::Auto) {
+        let anchor = match Anchor::open(path, Side::Replica, Resolver::Auto, create) {
             Ok(a) => Some(a),
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => None,
             Err(e) => return Err(e),
@@ -138,7 +135,7 @@ impl LocalReplica {
     #[cfg(test)]
     pub fn open_with(path: &Path, resolver: Resolver) -> io::Result<LocalReplica> {
         let mut r = LocalReplica::open(path, true, None)?;
-        r.anchor = Some(Anchor::open(path, Side::Replica, resolver)?);
+        r.anchor = Some(Anchor::open(path, Side::Replica, resolver, false)?);
         Ok(r)
     }
 
@@ -171,14 +168,43 @@ impl LocalReplica {
         Ok(())
     }
 
-    /// Owner (when kept) and times of the symlink `name` in `dir`, never following it.
-    fn apply_meta_link(&self, dir: BorrowedFd<'_>, name: &OsStr, meta: &Meta) -> io::Result<()> {
+    /// Owner (when kept) and times of the symlink `name` in `dir` (`rel` names it in
+    /// errors), set through an `O_PATH` handle on the link itself after checking that it is
+    /// one (and, with `expect`, that it still has that version). Setting them by name would
+    /// let a user who replaced their link with a hard link to someone else's file have that
+    /// file's owner changed. Returns the new version, `None` if `expect` did not match.
+    fn link_meta(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel: &RelPath,
+        meta: &Meta,
+        expect: Option<&Version>,
+    ) -> io::Result<Option<Version>> {
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let (found, token) = anchor::from_stat(&rustix::fs::fstat(&fd)?);
+        if found.kind != Kind::Symlink {
+            return Err(PathChanged {
+                side: Side::Replica,
+                component: rel.clone(),
+                expected: Kind::Symlink,
+            }
+            .into_io());
+        }
+        if expect.is_some_and(|v| *v != token.to_version()) {
+            return Ok(None);
+        }
         if self.caps.owner {
             let (u, g) = ids(meta);
-            rustix::fs::chownat(dir, name, u, g, AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::chownat(&fd, "", u, g, AtFlags::EMPTY_PATH)?;
         }
-        rustix::fs::utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)?;
-        Ok(())
+        rustix::fs::utimensat(&fd, "", &timestamps(meta), AtFlags::EMPTY_PATH)?;
+        Ok(Some(anchor::token_of(&fd)?.to_version()))
     }
 
     fn version_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<Version>> {
@@ -265,8 +291,7 @@ impl LocalReplica {
         let root = match backup.root.get() {
             Some(a) => a,
             None => {
-                std::fs::create_dir_all(&backup.path)?;
-                let a = Anchor::open(&backup.path, Side::Replica, Resolver::Auto)?;
+                let a = Anchor::open(&backup.path, Side::Replica, Resolver::Auto, true)?;
                 let _ = backup.root.set(a);
                 backup.root.get().expect("just set")
             }
@@ -320,7 +345,10 @@ fn copy_tree(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &OsStr) -> io::Resu
             for (child, _, _) in anchor::list_fd(src)? {
                 copy_tree(src_path.as_fd(), dst.as_fd(), &child)?;
             }
-            Ok(())
+            keep_meta(
+                anchor::reopen(&dst, OFlags::RDONLY)?.as_fd(),
+                &anchor::from_stat(&st).0,
+            )
         }
         Kind::Symlink => {
             let target = rustix::fs::readlinkat(from, name, Vec::new())?;
@@ -339,6 +367,10 @@ fn copy_file_at(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &OsStr) -> io::R
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     )?);
+    let (meta, _) = anchor::from_stat(&rustix::fs::fstat(&input)?);
+    if meta.kind != Kind::File {
+        return Err(io::Error::other("no longer a regular file"));
+    }
     let mut out = File::from(rustix::fs::openat(
         to,
         name,
@@ -346,8 +378,20 @@ fn copy_file_at(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &OsStr) -> io::R
         Mode::from_raw_mode(0o600),
     )?);
     io::copy(&mut input, &mut out)?;
+    keep_meta(out.as_fd(), &meta)?;
     out.flush()?;
     out.sync_all()
+}
+
+/// Gives a backup copy the original's owner (when root), mode and times.
+fn keep_meta(fd: BorrowedFd<'_>, meta: &Meta) -> io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        let (u, g) = ids(meta);
+        rustix::fs::fchown(fd, u, g)?;
+    }
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.perm))?;
+    rustix::fs::futimens(fd, &timestamps(meta))?;
+    Ok(())
 }
 
 impl Replica for LocalReplica {
@@ -438,10 +482,16 @@ impl Replica for LocalReplica {
 
     fn symlink(&self, rel: &RelPath, target: &Path, meta: &Meta) -> io::Result<()> {
         let (dir, name) = self.anchor()?.parent(rel)?;
-        let tmp = temp_name();
-        rustix::fs::symlinkat(target, &dir, tmp.as_os_str())?;
+        let tmp = loop {
+            let tmp = temp_name();
+            match rustix::fs::symlinkat(target, &dir, tmp.as_os_str()) {
+                Ok(()) => break tmp,
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         let finish = || -> io::Result<()> {
-            self.apply_meta_link(dir.as_fd(), &tmp, meta)?;
+            self.link_meta(dir.as_fd(), &tmp, rel, meta, None)?;
             rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, name)?;
             Ok(())
         };
@@ -459,12 +509,7 @@ impl Replica for LocalReplica {
         let anchor = self.anchor()?;
         if meta.kind == Kind::Symlink {
             let (dir, name) = anchor.parent(rel)?;
-            let now = Self::version_at(dir.as_fd(), name)?.ok_or_else(not_found)?;
-            if expect.is_some_and(|v| *v != now) {
-                return Ok(None);
-            }
-            self.apply_meta_link(dir.as_fd(), name, meta)?;
-            return Self::version_at(dir.as_fd(), name);
+            return self.link_meta(dir.as_fd(), name, rel, meta, expect);
         }
         let mut flags = OFlags::RDONLY | OFlags::NONBLOCK;
         if meta.kind == Kind::Dir {
@@ -484,6 +529,17 @@ impl Replica for LocalReplica {
             return Ok(None);
         }
         self.apply_meta_fd(fd.as_fd(), meta)?;
+        if token.dev != anchor.dev() {
+            // On a filesystem mounted inside the replica: the commit must sync that one too.
+            match meta.kind {
+                Kind::Dir => self.note_dev(token.dev, fd.as_fd()),
+                _ => {
+                    if let Ok((dir, _)) = anchor.parent(rel) {
+                        self.note_dev(token.dev, dir.as_fd());
+                    }
+                }
+            }
+        }
         Ok(Some(anchor::token_of(&fd)?.to_version()))
     }
 
@@ -593,50 +649,143 @@ mod tests {
         RelPath::from_bytes(s.as_bytes())
     }
 
+    /// Mode, owner, mtime, ctime and content of `dir` and every entry in it.
+    fn fingerprint(dir: &Path) -> Vec<(OsString, u32, u32, i64, i64, Vec<u8>)> {
+        use std::os::unix::fs::MetadataExt;
+        let print = |name: OsString, p: &Path| {
+            let m = std::fs::symlink_metadata(p).expect("lstat");
+            let data = if m.is_file() {
+                std::fs::read(p).expect("read")
+            } else {
+                Vec::new()
+            };
+            (
+                name,
+                m.mode(),
+                m.uid(),
+                m.mtime_nsec() + m.mtime() * 1_000_000_000,
+                m.ctime(),
+                data,
+            )
+        };
+        let mut out = vec![print(OsString::from("."), dir)];
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            out.push(print(n.clone(), &dir.join(&n)));
+        }
+        out
+    }
+
+    fn dir_meta() -> Meta {
+        Meta {
+            kind: Kind::Dir,
+            perm: 0o777,
+            uid: 65534,
+            gid: 65534,
+            size: 0,
+            mtime: Stamp { sec: 1, nsec: 0 },
+            atime: Stamp { sec: 1, nsec: 0 },
+        }
+    }
+
+    fn assert_changed(result: io::Result<impl std::fmt::Debug>, what: &str) {
+        let err = result.expect_err(what);
+        assert!(PathChanged::of(&err).is_some(), "{what}: {err}");
+    }
+
     #[test]
     fn no_write_goes_through_a_directory_swapped_for_a_symlink() {
-        for resolver in [Resolver::Auto, Resolver::Walk] {
-            let t = tempfile::tempdir().expect("tempdir");
-            let root = t.path().join("rep");
-            let outside = t.path().join("outside");
-            std::fs::create_dir_all(root.join("u/d")).expect("mkdir");
-            std::fs::create_dir_all(&outside).expect("mkdir");
-            std::fs::write(outside.join("f"), b"keep").expect("write");
-            let r = LocalReplica::open_with(&root, resolver).expect("open");
-            std::fs::remove_dir(root.join("u/d")).expect("rmdir");
-            symlink(&outside, root.join("u/d")).expect("symlink");
-            let meta = Meta {
-                kind: Kind::Dir,
-                perm: 0o777,
-                uid: 0,
-                gid: 0,
-                size: 0,
-                mtime: Stamp { sec: 1, nsec: 0 },
-                atime: Stamp { sec: 1, nsec: 0 },
-            };
-            let before = std::fs::metadata(&outside).expect("stat");
-            assert!(r.mkdir(&rel("u/d/new")).is_err());
-            assert!(r.set_meta(&rel("u/d"), &meta, None).is_err());
-            let file_meta = Meta {
-                kind: Kind::File,
-                ..meta
-            };
-            assert!(r.set_meta(&rel("u/d/f"), &file_meta, None).is_err());
-            assert!(r.remove(&rel("u/d/f"), Kind::File).is_err());
-            assert!(r.symlink(&rel("u/d/l"), Path::new("x"), &meta).is_err());
-            assert!(r.rename(&rel("u/x"), &rel("u/d/y")).is_err());
-            let err = r.remove(&rel("u/d"), Kind::Dir).unwrap_err();
-            assert!(PathChanged::of(&err).is_some(), "{err}");
-            let after = std::fs::metadata(&outside).expect("stat");
-            assert_eq!(before.permissions(), after.permissions());
-            assert_eq!(before.modified().ok(), after.modified().ok());
-            let names: Vec<_> = std::fs::read_dir(&outside)
-                .expect("ls")
-                .map(|e| e.expect("entry").file_name())
-                .collect();
-            assert_eq!(names, vec![OsString::from("f")]);
-            assert_eq!(std::fs::read(outside.join("f")).expect("read"), b"keep");
+        // An absolute link out of the replica, and a relative one into another directory of
+        // the replica (which RESOLVE_BENEATH alone would allow).
+        for (target, victim) in [("OUTSIDE", "outside"), ("../v", "rep/v")] {
+            for resolver in [Resolver::Auto, Resolver::Walk] {
+                let t = tempfile::tempdir().expect("tempdir");
+                let root = t.path().join("rep");
+                let victim = t.path().join(victim);
+                std::fs::create_dir_all(root.join("u/d")).expect("mkdir");
+                std::fs::create_dir_all(&victim).expect("mkdir");
+                std::fs::write(victim.join("f"), b"keep").expect("write");
+                std::fs::write(root.join("u/x"), b"x").expect("write");
+                let r = LocalReplica::open_with(&root, resolver).expect("open");
+                std::fs::remove_dir(root.join("u/d")).expect("rmdir");
+                let link = if target == "OUTSIDE" {
+                    victim.clone()
+                } else {
+                    PathBuf::from(target)
+                };
+                symlink(&link, root.join("u/d")).expect("symlink");
+                let before = fingerprint(&victim);
+                let meta = dir_meta();
+                let file_meta = Meta {
+                    kind: Kind::File,
+                    ..meta
+                };
+                let link_meta = Meta {
+                    kind: Kind::Symlink,
+                    ..meta
+                };
+                assert_changed(r.mkdir(&rel("u/d/new")), "mkdir below");
+                assert_changed(r.set_meta(&rel("u/d"), &meta, None), "set_meta of it");
+                assert_changed(
+                    r.set_meta(&rel("u/d/f"), &file_meta, None),
+                    "set_meta below",
+                );
+                assert_changed(r.remove(&rel("u/d/f"), Kind::File), "remove below");
+                assert_changed(
+                    r.symlink(&rel("u/d/l"), Path::new("x"), &link_meta),
+                    "symlink",
+                );
+                assert_changed(r.rename(&rel("u/x"), &rel("u/d/y")), "rename into it");
+                assert_changed(r.remove(&rel("u/d"), Kind::Dir), "remove it as a tree");
+                assert_eq!(fingerprint(&victim), before, "{target} {resolver:?}");
+                assert!(root.join("u/x").exists());
+            }
         }
+    }
+
+    #[test]
+    fn symlink_metadata_is_never_set_through_a_hard_link_swapped_in() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("rep");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::write(root.join("victim"), b"root's").expect("write");
+        let r = LocalReplica::open(&root, false, None).expect("open");
+        let meta = Meta {
+            kind: Kind::Symlink,
+            ..dir_meta()
+        };
+        r.symlink(&rel("l"), Path::new("target"), &meta)
+            .expect("symlink");
+        // The link's owner replaces it with a hard link to a file it may not own.
+        std::fs::remove_file(root.join("l")).expect("rm");
+        std::fs::hard_link(root.join("victim"), root.join("l")).expect("ln");
+        let before = fingerprint(&root);
+        assert_changed(
+            r.set_meta(&rel("l"), &meta, None),
+            "set_meta of a swapped link",
+        );
+        assert_eq!(fingerprint(&root), before);
+    }
+
+    #[test]
+    fn removing_a_tree_unlinks_a_symlink_below_it_and_never_enters_it() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("rep");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("f"), b"keep").expect("write");
+        std::fs::remove_dir(root.join("a/b")).expect("rmdir");
+        symlink(&outside, root.join("a/b")).expect("symlink");
+        let before = fingerprint(&outside);
+        let r = LocalReplica::open(&root, false, None).expect("open");
+        r.remove(&rel("a"), Kind::Dir).expect("remove");
+        assert!(!root.join("a").exists());
+        assert_eq!(fingerprint(&outside), before);
     }
 
     #[test]

@@ -248,7 +248,8 @@ fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
 }
 
 /// One pass under attack: exit 0 (nothing noticed) or 1 (some entries failed) only.
-fn pass_under_attack(env: &Env, n: u64) -> i32 {
+/// Returns the exit code and whether the pass met a swapped directory (and said so).
+fn pass_under_attack(env: &Env, n: u64) -> (i32, bool) {
     let out = run_bounded(env.monoshot_cmd(&["--max-delete", "none"]), PASS_TIMEOUT);
     let c = code(&out);
     assert!(
@@ -256,7 +257,16 @@ fn pass_under_attack(env: &Env, n: u64) -> i32 {
         "pass {n} under attack exited {c} (0 or 1 expected):\n{}",
         text(&out)
     );
-    c
+    (c, stderr(&out).contains("path changed during the pass"))
+}
+
+/// The attack must have hit: some pass under attack met a swapped directory mid-pass.
+fn assert_some_pass_met_a_swap(met: &[bool], codes: &[i32]) {
+    assert!(
+        met.iter().any(|m| *m),
+        "no pass under attack reported 'path changed during the pass' (exit codes {codes:?}): \
+         the attack never raced a pass, so this run proved nothing"
+    );
 }
 
 /// Clean passes after the attack: the last one exits 0 and the replica is exact. A pass
@@ -408,11 +418,15 @@ fn replica_directories_swapped_for_symlinks_mid_pass_never_redirect_a_write() {
 
     let attacker = Attacker::start(&env.rep.join("u"), &outside, &env.path("stop"));
     let mut codes = Vec::new();
+    let mut met = Vec::new();
     for n in 1..=PASSES {
         fill_source(&env.src, n);
-        codes.push(pass_under_attack(&env, n));
+        let (c, hit) = pass_under_attack(&env, n);
+        codes.push(c);
+        met.push(hit);
         assert_unchanged(&outside, &before, &format!("during pass {n} under attack"));
     }
+    assert_some_pass_met_a_swap(&met, &codes);
     let exchanges = attacker.stop();
     eprintln!("exit codes of the passes under attack: {codes:?}");
     assert!(
@@ -488,10 +502,14 @@ fn source_directories_swapped_for_symlinks_never_bring_outside_files_into_the_re
 
     let attacker = Attacker::start(&env.src.join("u"), &secret, &env.path("stop"));
     let mut codes = Vec::new();
+    let mut met = Vec::new();
     for n in 1..=PASSES {
-        codes.push(pass_under_attack(&env, n));
+        let (c, hit) = pass_under_attack(&env, n);
+        codes.push(c);
+        met.push(hit);
         assert_no_secret_in(&env.rep, &format!("after pass {n} under attack"));
     }
+    assert_some_pass_met_a_swap(&met, &codes);
     let exchanges = attacker.stop();
     eprintln!("exit codes of the passes under attack: {codes:?}");
     assert!(
