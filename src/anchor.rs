@@ -243,15 +243,16 @@ impl Anchor {
         Ok((fd, name))
     }
 
-    /// Opens the regular file `rel` for reading. `O_NONBLOCK` keeps a fifo swapped in for it
-    /// from blocking the pass; the kind is checked on the open descriptor.
-    pub fn open_file(&self, rel: &RelPath) -> io::Result<File> {
+    /// Opens the regular file `rel` for reading, with its metadata and token as the open
+    /// descriptor has them. `O_NONBLOCK` keeps a fifo swapped in for it from blocking the
+    /// pass; the kind is checked on the open descriptor.
+    pub fn open_file(&self, rel: &RelPath) -> io::Result<(File, Meta, Token)> {
         let fd = self.open_at(rel, OFlags::RDONLY | OFlags::NONBLOCK, Kind::File)?;
-        let st = rustix::fs::fstat(&fd)?;
-        if Kind::of_mode(st.st_mode) != Kind::File {
+        let (meta, token) = from_stat(&rustix::fs::fstat(&fd)?);
+        if meta.kind != Kind::File {
             return Err(self.changed(rel.clone(), Kind::File));
         }
-        Ok(File::from(fd))
+        Ok((File::from(fd), meta, token))
     }
 
     /// Lists the directory `rel`: every entry with its `lstat`, sorted by name bytes. An
@@ -291,8 +292,8 @@ impl Anchor {
 
     /// Hashes the regular file `rel`: the digest and the token it had while it was read.
     pub fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {
-        let mut file = self.open_file(rel)?;
-        hash_file(&mut file, counters)
+        let (mut file, _, token) = self.open_file(rel)?;
+        hash_file(&mut file, token, counters)
     }
 }
 
@@ -392,10 +393,13 @@ pub fn token_of(file: &impl AsFd) -> io::Result<Token> {
     Ok(from_stat(&rustix::fs::fstat(file)?).1)
 }
 
-/// Hashes an open regular file from its start. Returns the digest and the token the file had
-/// while it was read; fails if the file changed during the read.
-pub fn hash_file(file: &mut File, counters: &HashCounters) -> io::Result<(Hash, Token)> {
-    let before = token_of(file)?;
+/// Hashes an open regular file from its start; `before` is its token when it was opened.
+/// Returns the digest and that token; fails if the file changed during the read.
+pub fn hash_file(
+    file: &mut File,
+    before: Token,
+    counters: &HashCounters,
+) -> io::Result<(Hash, Token)> {
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     BUF.with(|buf| -> io::Result<()> {
@@ -481,7 +485,7 @@ mod tests {
             assert!(a.list(&rel("a/b")).is_err());
             assert!(a.parent(&rel("a/b/new")).is_err());
             // A symlink as the last component is not opened either.
-            let err = a.open_file(&rel("a/b")).unwrap_err();
+            let err = a.open_file(&rel("a/b")).map(|_| ()).unwrap_err();
             assert!(PathChanged::of(&err).is_some(), "{err}");
         }
     }

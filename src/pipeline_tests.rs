@@ -319,3 +319,29 @@ fn a_metadata_fix_leaves_a_replica_file_that_changed_since_the_scan() {
     assert_eq!(applied.counts.meta, 0);
     assert_eq!(h.rep.get("f").expect("kept").meta.perm, 0o644);
 }
+
+#[test]
+fn a_large_file_touched_without_a_content_change_is_copied_speculatively_then_only_fixed() {
+    let h = Harness::new(full_caps());
+    let big = vec![7u8; crate::source::PIPELINE_MIN as usize];
+    h.src.file("big", &big, 0o644, 10);
+    h.pass().expect("first pass");
+    h.rep.take_calls();
+    // A new source token (a touch), the same bytes: the plan copies at once, hashing as it
+    // goes, and the replica keeps its file because the hash and its version still match.
+    h.src.edit("big", |n| n.meta.mtime.sec = 20);
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["UPDATE big"]);
+    assert_eq!(run.hashed_files, 0, "nothing is read twice");
+    assert_eq!(run.applied.counts.meta, 1);
+    assert_eq!(run.applied.counts.bytes_copied, 0);
+    let calls = h.rep.take_calls();
+    assert!(installs(&calls).is_empty(), "{calls:?}");
+    assert_eq!(h.rep.get("big").expect("kept").meta.mtime.sec, 20);
+    // A real edit of the same size is installed.
+    h.src.edit("big", |n| n.data[4096] = 8);
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["UPDATE big"]);
+    assert_eq!(run.applied.counts.updated, 1);
+    assert_eq!(h.rep.get("big").expect("kept").data[4096], 8);
+}

@@ -88,8 +88,7 @@ impl SourceTree for LocalSource {
         rel: &RelPath,
         known: Option<(Token, Hash)>,
     ) -> io::Result<Box<dyn Content + '_>> {
-        let file = self.anchor.open_file(rel)?;
-        let (meta, token) = anchor::from_stat(&rustix::fs::fstat(&file)?);
+        let (file, meta, token) = self.anchor.open_file(rel)?;
         let known = known.and_then(|(t, h)| (t == token).then_some(h));
         Ok(Box::new(SourceFile {
             file,

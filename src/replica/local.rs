@@ -427,7 +427,7 @@ impl Replica for LocalReplica {
     }
 
     fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>> {
-        Ok(Box::new(self.anchor()?.open_file(rel)?))
+        Ok(Box::new(self.anchor()?.open_file(rel)?.0))
     }
 
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Version)> {
