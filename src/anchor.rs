@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cancel;
 use crate::error::{PathChanged, Side};
-use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, Stamp, Token};
+use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, Stamp, Token, Xattrs};
 
 /// Read in chunks of this size: large enough for disk speed, small enough that a cancelled
 /// pass stops within milliseconds and that the per-thread buffer stays small.
@@ -246,13 +246,19 @@ impl Anchor {
     /// Opens the regular file `rel` for reading, with its metadata and token as the open
     /// descriptor has them. `O_NONBLOCK` keeps a fifo swapped in for it from blocking the
     /// pass; the kind is checked on the open descriptor.
-    pub fn open_file(&self, rel: &RelPath) -> io::Result<(File, Meta, Token)> {
+    pub fn open_file(&self, rel: &RelPath) -> io::Result<Opened> {
         let fd = self.open_at(rel, OFlags::RDONLY | OFlags::NONBLOCK, Kind::File)?;
-        let (meta, token) = from_stat(&rustix::fs::fstat(&fd)?);
+        let st = rustix::fs::fstat(&fd)?;
+        let (meta, token) = from_stat(&st);
         if meta.kind != Kind::File {
             return Err(self.changed(rel.clone(), Kind::File));
         }
-        Ok((File::from(fd), meta, token))
+        Ok(Opened {
+            file: File::from(fd),
+            meta,
+            token,
+            sparse: may_have_holes(&st),
+        })
     }
 
     /// Lists the directory `rel`: every entry with its `lstat`, sorted by name bytes. An
@@ -279,6 +285,16 @@ impl Anchor {
         }
     }
 
+    /// The extended attributes of the file or directory `rel` (a symlink has none here:
+    /// Linux allows no `user.*` attribute on one, and reading the others needs a path).
+    pub fn xattrs(&self, rel: &RelPath, kind: Kind) -> io::Result<Xattrs> {
+        match kind {
+            Kind::File => read_xattrs(&self.open_file(rel)?.file),
+            Kind::Dir => read_xattrs(self.open_dir(rel)?),
+            _ => Ok(Xattrs::default()),
+        }
+    }
+
     /// The target of the symlink `rel`, never following it.
     pub fn read_link(&self, rel: &RelPath) -> io::Result<std::path::PathBuf> {
         let (dir, name) = self.parent(rel)?;
@@ -292,8 +308,120 @@ impl Anchor {
 
     /// Hashes the regular file `rel`: the digest and the token it had while it was read.
     pub fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {
-        let (mut file, _, token) = self.open_file(rel)?;
-        hash_file(&mut file, token, counters)
+        let mut f = self.open_file(rel)?;
+        hash_file(&mut f.file, f.token, f.sparse, counters)
+    }
+}
+
+/// A regular file opened for reading.
+pub struct Opened {
+    pub file: File,
+    pub meta: Meta,
+    pub token: Token,
+    /// It has fewer blocks than its size needs: it may have holes (see [`data_extents`]).
+    pub sparse: bool,
+}
+
+/// Fewer 512-byte blocks allocated than the size needs: the file may have holes (or be
+/// compressed; either way its data extents are worth asking for).
+#[allow(clippy::unnecessary_cast)]
+fn may_have_holes(st: &rustix::fs::Stat) -> bool {
+    (st.st_blocks as u64).saturating_mul(512) < st.st_size as u64
+}
+
+/// The data extents of an open file of `size` bytes, as `(start, end)` ranges in order
+/// (`SEEK_DATA`/`SEEK_HOLE`); everything between them is a hole. A filesystem that does
+/// not track holes reports the whole file as data.
+pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::SeekFrom;
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            // No data after `pos`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = rustix::fs::seek(file, SeekFrom::Hole(start))?.min(size);
+        out.push((start, end));
+        pos = end;
+    }
+    Ok(out)
+}
+
+thread_local! {
+    /// Room for a list of attribute names or one value: Linux caps both at 64 KiB.
+    static XBUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 << 10]);
+}
+
+/// The extended attributes of an open file or directory, sorted by name. A filesystem
+/// without them has none; an attribute removed meanwhile is left out.
+pub fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
+    XBUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let names: Vec<Vec<u8>> = match rustix::fs::flistxattr(&fd, &mut buf[..]) {
+            Ok(n) => buf[..n]
+                .split(|b| *b == 0)
+                .filter(|n| !n.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect(),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Xattrs::default()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            match rustix::fs::fgetxattr(&fd, name.as_slice(), &mut buf[..]) {
+                Ok(n) => out.push((name, buf[..n].to_vec())),
+                Err(rustix::io::Errno::NODATA) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        out.sort();
+        Ok(Xattrs(out))
+    })
+}
+
+/// Makes the attributes of an open file or directory `want`, given that it has `have`
+/// (both already limited to what this process may set): sets what is new or different,
+/// removes what `want` lacks. `security.selinux` is never removed: the system labels new
+/// files itself. A filesystem that cannot keep one attribute (an ACL on a filesystem mounted
+/// `noacl`) skips it, and it is returned, for one warning per pass.
+pub fn write_xattrs(fd: impl AsFd, want: &Xattrs, have: &Xattrs) -> io::Result<Vec<Vec<u8>>> {
+    let mut refused = Vec::new();
+    for (name, value) in &want.0 {
+        if have.get(name) == Some(value.as_slice()) {
+            continue;
+        }
+        match rustix::fs::fsetxattr(&fd, name.as_slice(), value, rustix::fs::XattrFlags::empty()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOTSUP) => refused.push(name.clone()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for (name, _) in &have.0 {
+        if want.get(name).is_none() && name.as_slice() != b"security.selinux" {
+            match rustix::fs::fremovexattr(&fd, name.as_slice()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Zeros for hashing holes without reading them.
+pub static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Feeds `n` zero bytes to `hasher` (a hole, never read from disk).
+pub fn hash_zeros(hasher: &mut Sha256, mut n: u64) {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..k]);
+        n -= k as u64;
     }
 }
 
@@ -394,12 +522,17 @@ pub fn token_of(file: &impl AsFd) -> io::Result<Token> {
 }
 
 /// Hashes an open regular file from its start; `before` is its token when it was opened.
-/// Returns the digest and that token; fails if the file changed during the read.
+/// Returns the digest and that token; fails if the file changed during the read. A `sparse`
+/// file's holes are hashed as the zeros they read as, without reading them.
 pub fn hash_file(
     file: &mut File,
     before: Token,
+    sparse: bool,
     counters: &HashCounters,
 ) -> io::Result<(Hash, Token)> {
+    if sparse {
+        return hash_sparse(file, before, counters);
+    }
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     BUF.with(|buf| -> io::Result<()> {
@@ -426,6 +559,43 @@ pub fn hash_file(
         return Err(io::Error::other("file changed while it was read"));
     }
     counters.add(total);
+    Ok((Hash(hasher.finalize().into()), before))
+}
+
+/// `hash_file` for a file with holes: data extents are read (`pread`), holes are zeros.
+fn hash_sparse(file: &File, before: Token, counters: &HashCounters) -> io::Result<(Hash, Token)> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut pos = 0u64;
+    let mut read = 0u64;
+    let extents = data_extents(file, before.size)?;
+    BUF.with(|buf| -> io::Result<()> {
+        let mut buf = buf.borrow_mut();
+        for (start, end) in extents {
+            hash_zeros(&mut hasher, start - pos);
+            let mut off = start;
+            while off < end {
+                if cancel::requested() {
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+                }
+                let want = (end - off).min(buf.len() as u64) as usize;
+                let n = file.read_at(&mut buf[..want], off)?;
+                if n == 0 {
+                    return Err(io::Error::other("file changed while it was read"));
+                }
+                hasher.update(&buf[..n]);
+                off += n as u64;
+                read += n as u64;
+            }
+            pos = end;
+        }
+        hash_zeros(&mut hasher, before.size - pos);
+        Ok(())
+    })?;
+    if token_of(file)? != before {
+        return Err(io::Error::other("file changed while it was read"));
+    }
+    counters.add(read);
     Ok((Hash(hasher.finalize().into()), before))
 }
 

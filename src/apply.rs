@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::cancel;
 use crate::error::{EntryError, Side, WriteOp};
 use crate::journal;
-use crate::model::{show, Counts, Hash, Hint, Kind, RelPath, Token, Version};
+use crate::model::{show, Counts, Hash, Hint, Kind, RelPath, Token, Version, Xattrs};
 use crate::plan::{Action, Op, Plan, Reason};
 use crate::replica::{CopyError, Installed, Replica};
 use crate::source::SourceTree;
@@ -33,6 +33,8 @@ pub struct Applier<'a> {
     /// replica was opened with it).
     pub backup: Option<PathBuf>,
     pub bar: Option<ProgressBar>,
+    /// Mirror extended attributes (the replica keeps them and they were not turned off).
+    pub xattrs: bool,
 }
 
 /// A file this pass wrote: what the cache records for it.
@@ -41,14 +43,20 @@ pub struct Written {
     pub src: Token,
     pub rep: Version,
     pub hash: Hash,
+    /// Its extended attributes were mirrored too.
+    pub xattrs: bool,
 }
+
+/// A file whose metadata was fixed: its new replica version, and whether its extended
+/// attributes were mirrored too.
+pub type Fixed = (RelPath, Version, bool);
 
 #[derive(Default, Debug)]
 pub struct Applied {
     pub counts: Counts,
     pub written: Vec<(RelPath, Written)>,
     /// Replica versions changed by a metadata fix.
-    pub fixed: Vec<(RelPath, Version)>,
+    pub fixed: Vec<Fixed>,
     /// Directory trees removed from the replica.
     pub dropped: Vec<RelPath>,
 }
@@ -97,7 +105,7 @@ impl Applier<'_> {
     pub fn apply(
         &self,
         plan: &Plan,
-        mut commit: impl FnMut(Vec<(RelPath, Written)>, Vec<(RelPath, Version)>),
+        mut commit: impl FnMut(Vec<(RelPath, Written)>, Vec<Fixed>),
     ) -> Applied {
         let mut deletes = Vec::new();
         let mut mkdirs = Vec::new();
@@ -215,26 +223,53 @@ impl Applier<'_> {
                 }
                 Err(e) => return Applied::problem(EntryError::write(WriteOp::Symlink, rel, e)),
             },
-            Op::Meta { meta, rep } => match self.replica.set_meta(rel, meta, rep.as_deref()) {
-                Ok(Some(version)) => {
-                    journal::action(word, rel, format_args!(""));
-                    out.counts.meta += 1;
-                    if meta.kind == Kind::File {
-                        out.fixed.push((rel.clone(), version));
+            Op::Meta { meta, rep } => {
+                let xattrs = match self.source_xattrs(rel, meta.kind) {
+                    Ok(x) => x,
+                    Err(e) => return Applied::problem(e),
+                };
+                match self
+                    .replica
+                    .set_meta(rel, meta, xattrs.as_ref(), rep.as_deref())
+                {
+                    Ok(Some(version)) => {
+                        journal::action(word, rel, format_args!(""));
+                        out.counts.meta += 1;
+                        if meta.kind == Kind::File {
+                            out.fixed.push((rel.clone(), version, self.xattrs));
+                        }
                     }
+                    Ok(None) => {
+                        return Applied::problem(EntryError::ChangedInReplica { rel: rel.clone() })
+                    }
+                    Err(e) => return Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
                 }
-                Ok(None) => {
-                    return Applied::problem(EntryError::ChangedInReplica { rel: rel.clone() })
+            }
+            Op::DirMeta { meta } => {
+                let xattrs = match self.source_xattrs(rel, Kind::Dir) {
+                    Ok(x) => x,
+                    Err(e) => return Applied::problem(e),
+                };
+                match self.replica.set_meta(rel, meta, xattrs.as_ref(), None) {
+                    Ok(_) => journal::action(word, rel, format_args!("")),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
                 }
-                Err(e) => return Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
-            },
-            Op::DirMeta { meta } => match self.replica.set_meta(rel, meta, None) {
-                Ok(_) => journal::action(word, rel, format_args!("")),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
-            },
+            }
         }
         out
+    }
+
+    /// The source's extended attributes of a file or directory, read now, when they are
+    /// mirrored (`None`: they are not; a symlink has none here).
+    fn source_xattrs(&self, rel: &RelPath, kind: Kind) -> Result<Option<Xattrs>, EntryError> {
+        if !self.xattrs || !matches!(kind, Kind::File | Kind::Dir) {
+            return Ok(None);
+        }
+        match self.source.xattrs(rel, kind) {
+            Ok(x) => Ok(Some(x)),
+            Err(e) => Err(EntryError::read(Side::Source, kind, rel, e)),
+        }
     }
 
     /// The copy found the content equal to the replica's: fix metadata only.
@@ -245,7 +280,14 @@ impl Applier<'_> {
         src: Token,
         c: Installed,
     ) -> Applied {
-        match self.replica.set_meta(rel, meta, Some(&c.version)) {
+        let xattrs = match self.source_xattrs(rel, Kind::File) {
+            Ok(x) => x,
+            Err(e) => return Applied::problem(e),
+        };
+        match self
+            .replica
+            .set_meta(rel, meta, xattrs.as_ref(), Some(&c.version))
+        {
             Ok(None) => Applied::problem(EntryError::ChangedInReplica { rel: rel.clone() }),
             Ok(Some(rep)) => {
                 journal::action("META", rel, format_args!(""));
@@ -260,6 +302,7 @@ impl Applier<'_> {
                             src,
                             rep,
                             hash: c.hash,
+                            xattrs: self.xattrs,
                         },
                     )],
                     ..Applied::default()
@@ -325,6 +368,7 @@ impl Applier<'_> {
                                 src,
                                 rep: c.version,
                                 hash: c.hash,
+                                xattrs: self.xattrs,
                             },
                         )],
                         ..Applied::default()

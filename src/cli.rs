@@ -67,6 +67,9 @@ pub struct SyncArgs {
     /// Move every replica file about to be overwritten or deleted into DIR/<pass time>/.
     #[arg(long, value_name = "DIR")]
     pub backup_dir: Option<PathBuf>,
+    /// Do not mirror extended attributes (so neither ACLs nor file capabilities).
+    #[arg(long)]
+    pub no_xattrs: bool,
     /// Worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,

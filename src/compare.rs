@@ -100,17 +100,45 @@ impl Compare<'_> {
                 hint: Some(Hint::Known(src_token, src_hash)),
             };
         }
+        // Extended attributes: any change to them changes the file's ctime, so when both
+        // sides still have the versions the cache recorded with attributes in sync, they
+        // still are, and nothing is read.
+        let xattrs_known =
+            cached.is_some_and(|c| c.xattrs) && src_hit.is_some() && rep_hit.is_some();
+        let xattrs_differ = match self.caps.xattrs && !xattrs_known {
+            false => false,
+            true => match self.xattrs_differ(rel, Kind::File) {
+                Ok(d) => d,
+                Err(e) => return FileVerdict::Error(e),
+            },
+        };
         let entry = CachedFile {
             name: name.as_bytes().to_vec(),
             src: src_token,
             rep: rep_version,
             hash: src_hash,
             src_racy: src_token.ctime_ns >= self.racy_after_ns,
+            xattrs: self.caps.xattrs && !xattrs_differ,
         };
-        if self.caps.meta_differs(&src.meta, &rep.meta) {
+        if xattrs_differ || self.caps.meta_differs(&src.meta, &rep.meta) {
             FileVerdict::Meta(entry)
         } else {
             FileVerdict::Same(entry)
         }
+    }
+
+    /// Whether the extended attributes of `rel` differ (only those the replica may set
+    /// count: the replica reports only those, and the source's are limited the same way).
+    pub fn xattrs_differ(&self, rel: &RelPath, kind: Kind) -> Result<bool, EntryError> {
+        let src = self
+            .source
+            .xattrs(rel, kind)
+            .map_err(|e| EntryError::read(Side::Source, kind, rel, e))?;
+        let rep = self
+            .replica
+            .xattrs(rel, kind)
+            .map_err(|e| EntryError::read(Side::Replica, kind, rel, e))?;
+        let root = nix::unistd::geteuid().is_root();
+        Ok(src.settable(root) != rep)
     }
 }

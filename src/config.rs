@@ -91,6 +91,8 @@ pub struct Config {
     pub backup_dir: Option<PathBuf>,
     /// `--threads`; default: one per core.
     pub threads: usize,
+    /// Mirror extended attributes, ACLs and file capabilities (default; `--no-xattrs`).
+    pub xattrs: bool,
     pub verbosity: Verbosity,
     /// `--interval` (daemon only).
     pub interval: Option<Duration>,
@@ -247,6 +249,7 @@ impl Config {
             guard,
             backup_dir,
             threads,
+            xattrs: !args.no_xattrs,
             verbosity,
             interval,
         })

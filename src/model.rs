@@ -342,3 +342,29 @@ impl HashCounters {
         self.bytes.fetch_add(bytes, Relaxed);
     }
 }
+
+/// Extended attributes of an entry, sorted by name: `(name, value)`. POSIX ACLs travel as
+/// `system.posix_acl_access` and `system.posix_acl_default`, file capabilities as
+/// `security.capability`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Xattrs(pub Vec<(Vec<u8>, Vec<u8>)>);
+
+impl Xattrs {
+    /// Only the attributes a process (`root` or not) may set, so that what it cannot set is
+    /// never a difference: as root every namespace; otherwise `user.*` and the ACLs.
+    pub fn settable(mut self, root: bool) -> Xattrs {
+        if !root {
+            self.0.retain(|(name, _)| {
+                name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")
+            });
+        }
+        self
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.0
+            .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+            .ok()
+            .map(|i| self.0[i].1.as_slice())
+    }
+}

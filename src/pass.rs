@@ -10,13 +10,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::apply::{describe, Applied, Applier, Written};
+use crate::apply::{describe, Applied, Applier, Fixed, Written};
 use crate::cancel;
 use crate::compare::Compare;
 use crate::config::Config;
 use crate::error::{reason, ExitCode};
 use crate::journal;
-use crate::model::{show, HashCounters, Meta, RelPath, Version};
+use crate::model::{show, HashCounters, Meta, RelPath};
 use crate::plan::{Op, Plan};
 use crate::replica::{self, Replica};
 use crate::scan::{self, Ctx, Scanned};
@@ -135,14 +135,18 @@ impl<'a> Pass<'a> {
         // Only a replica that does not exist is planned as empty: any other error (EIO, a
         // stale NFS handle) would make every file a create and bypass --backup-dir.
         let verb = if cfg.dry_run { "read" } else { "create" };
-        let replica =
-            replica::open(&cfg.replica, !cfg.dry_run, self.backup_dir()).map_err(|e| {
-                format!(
-                    "could not {verb} replica '{}': {}",
-                    show(&cfg.replica),
-                    reason(&e)
-                )
-            })?;
+        let opts = replica::Options {
+            create: !cfg.dry_run,
+            backup: self.backup_dir(),
+            xattrs: cfg.xattrs,
+        };
+        let replica = replica::open(&cfg.replica, opts).map_err(|e| {
+            format!(
+                "could not {verb} replica '{}': {}",
+                show(&cfg.replica),
+                reason(&e)
+            )
+        })?;
         let rep_root = replica.root().map_err(|e| {
             format!(
                 "could not read replica '{}': {}",
@@ -211,6 +215,7 @@ impl<'a> Pass<'a> {
             replica,
             backup: self.backup_dir(),
             bar: bar.clone(),
+            xattrs: replica.capabilities().xattrs,
         };
         let racy_after_ns = self.racy_after_ns();
         let drafts: HashMap<RelPath, Delta> = std::mem::take(&mut scanned.drafts)
@@ -225,7 +230,7 @@ impl<'a> Pass<'a> {
             )
         };
         let cache = self.cache;
-        type Chunk = (Vec<(RelPath, Written)>, Vec<(RelPath, Version)>);
+        type Chunk = (Vec<(RelPath, Written)>, Vec<Fixed>);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(1);
         let (done, drafts, mut sync_error): (Applied, _, Option<String>) =
             std::thread::scope(|scope| {
@@ -376,7 +381,7 @@ fn progress_bar(plan: &Plan) -> ProgressBar {
 /// Groups one chunk's written files and metadata fixes by directory, as cache entries.
 fn group_by_dir(
     written: Vec<(RelPath, Written)>,
-    fixed: Vec<(RelPath, Version)>,
+    fixed: Vec<Fixed>,
     racy_after_ns: i64,
 ) -> BTreeMap<RelPath, DirChange> {
     use std::os::unix::ffi::OsStrExt;
@@ -391,16 +396,17 @@ fn group_by_dir(
             rep: w.rep,
             hash: w.hash,
             src_racy: w.src.ctime_ns >= racy_after_ns,
+            xattrs: w.xattrs,
         });
     }
-    for (rel, version) in fixed {
+    for (rel, version, xattrs) in fixed {
         let (Some(dir), Some(name)) = (rel.parent(), rel.file_name()) else {
             continue;
         };
         out.entry(dir)
             .or_default()
             .fixed
-            .push((name.as_bytes().to_vec(), version));
+            .push((name.as_bytes().to_vec(), version, xattrs));
     }
     out
 }

@@ -96,6 +96,7 @@ impl Harness {
             replica: &self.rep,
             backup: None,
             bar: None,
+            xattrs: self.rep.capabilities().xattrs,
         };
         let mut mem = self.memory.0.lock().expect("lock");
         for d in scanned.drafts {
@@ -114,13 +115,15 @@ impl Harness {
                     rep: w.rep,
                     hash: w.hash,
                     src_racy: w.src.ctime_ns >= racy_after,
+                    xattrs: w.xattrs,
                 });
             }
-            for (rel, version) in fixed {
+            for (rel, version, xattrs) in fixed {
                 let files = mem.entry(rel.parent().expect("a file")).or_default();
                 let name = rel.file_name().expect("a file").as_bytes().to_vec();
                 if let Some(f) = files.iter_mut().find(|f| f.name == name) {
                     f.rep = version;
+                    f.xattrs = xattrs;
                 }
             }
         });
@@ -313,6 +316,7 @@ fn a_metadata_fix_leaves_a_replica_file_that_changed_since_the_scan() {
         replica: &h.rep,
         backup: None,
         bar: None,
+        xattrs: true,
     };
     let applied = applier.apply(&scanned.plan, |_, _| {});
     assert_eq!(applied.counts.skipped, 1);
@@ -344,4 +348,69 @@ fn a_large_file_touched_without_a_content_change_is_copied_speculatively_then_on
     assert_eq!(run.plan, ["UPDATE big"]);
     assert_eq!(run.applied.counts.updated, 1);
     assert_eq!(h.rep.get("big").expect("kept").data[4096], 8);
+}
+
+fn xattr(pairs: &[(&str, &[u8])]) -> crate::model::Xattrs {
+    let mut v: Vec<(Vec<u8>, Vec<u8>)> = pairs
+        .iter()
+        .map(|(n, x)| (n.as_bytes().to_vec(), x.to_vec()))
+        .collect();
+    v.sort();
+    crate::model::Xattrs(v)
+}
+
+#[test]
+fn an_xattr_only_change_is_a_metadata_fix_and_an_idle_pass_reads_no_xattr() {
+    let h = Harness::new(full_caps());
+    h.src.dir("d");
+    h.src.file("d/f", b"same", 0o644, 10);
+    h.src.edit("d/f", |n| n.xattrs = xattr(&[("user.a", b"1")]));
+    h.src.edit("d", |n| n.xattrs = xattr(&[("user.dir", b"x")]));
+    h.pass().expect("first pass");
+    assert_eq!(
+        h.rep.get("d/f").expect("copied").xattrs,
+        xattr(&[("user.a", b"1")])
+    );
+    assert_eq!(
+        h.rep.get("d").expect("made").xattrs,
+        xattr(&[("user.dir", b"x")])
+    );
+    h.rep.take_calls();
+    assert!(h.pass().expect("idle").plan.is_empty());
+
+    h.src.edit("d/f", |n| {
+        n.xattrs = xattr(&[("user.a", b"2"), ("user.b", b"")])
+    });
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["META d/f"]);
+    let calls = h.rep.take_calls();
+    assert!(installs(&calls).is_empty(), "{calls:?}");
+    assert_eq!(
+        h.rep.get("d/f").expect("kept").xattrs,
+        xattr(&[("user.a", b"2"), ("user.b", b"")])
+    );
+    // A directory's attribute removed.
+    h.src.edit("d", |n| n.xattrs = xattr(&[]));
+    let run = h.pass().expect("not refused");
+    assert!(
+        run.plan.is_empty(),
+        "directory fixes are not listed: {:?}",
+        run.plan
+    );
+    assert_eq!(h.rep.get("d").expect("kept").xattrs, xattr(&[]));
+}
+
+#[test]
+fn a_replica_without_xattrs_never_shows_an_xattr_difference() {
+    let caps = Capabilities {
+        xattrs: false,
+        ..full_caps()
+    };
+    let h = Harness::new(caps);
+    h.src.file("f", b"data", 0o644, 10);
+    h.src.edit("f", |n| n.xattrs = xattr(&[("user.a", b"1")]));
+    h.pass().expect("first pass");
+    h.src.edit("f", |n| n.xattrs = xattr(&[("user.a", b"2")]));
+    assert!(h.pass().expect("not refused").plan.is_empty());
+    assert!(h.pass().expect("idle").plan.is_empty());
 }

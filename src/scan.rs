@@ -178,7 +178,19 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Sca
         }
     }
     if let Some(src) = src {
-        if touched || rep.is_none_or(|r| cx.caps.meta_differs(src, r)) {
+        // Directory attributes are compared at every pass (directories are few; files are
+        // compared through the cache, see `compare`).
+        let mut xattrs_differ = || {
+            cx.caps.xattrs
+                && match cx.xattrs_differ(rel, Kind::Dir) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        out.plan.problems.push(e);
+                        false
+                    }
+                }
+        };
+        if touched || rep.is_none_or(|r| cx.caps.meta_differs(src, r)) || xattrs_differ() {
             out.plan.actions.push(Action {
                 rel: rel.clone(),
                 op: Op::DirMeta {

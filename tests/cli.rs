@@ -9,6 +9,8 @@ mod common;
 mod daemon;
 #[path = "cli/engine.rs"]
 mod engine;
+#[path = "cli/metadata.rs"]
+mod metadata;
 #[path = "cli/safety.rs"]
 mod safety;
 #[path = "cli/security.rs"]

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use super::{Capabilities, Content, CopyError, Installed, Replica, Sink};
 use crate::model::{
     Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, SrcEntry, Stamp, Token, Version,
+    Xattrs,
 };
 use crate::source::SourceTree;
 
@@ -27,6 +28,7 @@ pub struct Node {
     /// The status-change time a source token reports (ns); a test sets it to make a token
     /// racy.
     pub ctime_ns: i64,
+    pub xattrs: Xattrs,
 }
 
 #[derive(Default)]
@@ -101,6 +103,7 @@ impl Fake {
                 target: PathBuf::from(target),
                 version,
                 ctime_ns: 0,
+                xattrs: Xattrs::default(),
             },
         );
     }
@@ -247,6 +250,7 @@ impl Fake {
 
 /// A file of the fake on its way into a replica.
 struct FakeContent {
+    xattrs: Xattrs,
     data: Vec<u8>,
     meta: Meta,
     token: Token,
@@ -270,6 +274,9 @@ impl Content for FakeContent {
         self.written = self.data.len() as u64;
         Ok(self.written)
     }
+    fn xattrs(&self) -> io::Result<Xattrs> {
+        Ok(self.xattrs.clone())
+    }
     fn finish(&mut self) -> Result<Hash, CopyError> {
         if self.written != self.meta.size {
             return Err(CopyError::Changed);
@@ -281,6 +288,10 @@ impl Content for FakeContent {
 }
 
 impl SourceTree for Fake {
+    fn xattrs(&self, rel: &RelPath, _kind: Kind) -> io::Result<Xattrs> {
+        Ok(self.node(rel)?.xattrs)
+    }
+
     fn root(&self) -> io::Result<Meta> {
         Ok(self.node(&RelPath::root())?.meta)
     }
@@ -307,6 +318,7 @@ impl SourceTree for Fake {
         let n = self.node(rel)?;
         let token = Fake::token(&n);
         Ok(Box::new(FakeContent {
+            xattrs: n.xattrs.clone(),
             known: known.and_then(|(t, h)| (t == token).then_some(h)),
             data: n.data,
             meta: n.meta,
@@ -317,6 +329,10 @@ impl SourceTree for Fake {
 }
 
 impl Replica for Fake {
+    fn xattrs(&self, rel: &RelPath, _kind: Kind) -> io::Result<Xattrs> {
+        Ok(self.node(rel)?.xattrs)
+    }
+
     fn capabilities(&self) -> Capabilities {
         self.caps
     }
@@ -368,7 +384,12 @@ impl Replica for Fake {
         }
         self.call("install", rel);
         let meta = self.kept(*content.meta());
+        let xattrs = match self.caps.xattrs {
+            true => content.xattrs().map_err(CopyError::Source)?,
+            false => Xattrs::default(),
+        };
         self.put(rel, meta, data, "");
+        self.edit_rel(rel, |n| n.xattrs = xattrs);
         let version = version_of(self.node(rel).map_err(CopyError::Replica)?.version);
         Ok(Installed {
             version,
@@ -400,6 +421,7 @@ impl Replica for Fake {
         &self,
         rel: &RelPath,
         meta: &Meta,
+        xattrs: Option<&Xattrs>,
         expect: Option<&Version>,
     ) -> io::Result<Option<Version>> {
         let n = self.node(rel)?;
@@ -408,11 +430,15 @@ impl Replica for Fake {
         }
         self.call("set_meta", rel);
         let kept = self.kept(*meta);
+        let keep_xattrs = self.caps.xattrs;
         self.edit_rel(rel, |n| {
             n.meta = Meta {
                 size: n.meta.size,
                 kind: n.meta.kind,
                 ..kept
+            };
+            if let (Some(x), true) = (xattrs, keep_xattrs) {
+                n.xattrs = x.clone();
             }
         });
         Ok(Some(version_of(self.node(rel)?.version)))

@@ -20,10 +20,12 @@ use std::sync::{Mutex, OnceLock};
 
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags, Timespec, Timestamps};
 
-use super::{Capabilities, Content, CopyError, Installed, Replica, Sink};
+use super::{Capabilities, Content, CopyError, Installed, Options, Replica, Sink};
 use crate::anchor::{self, Anchor, Resolver};
 use crate::error::{PathChanged, Side};
-use crate::model::{Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version};
+use crate::model::{
+    show, Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
+};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -37,6 +39,10 @@ pub struct LocalReplica {
     /// Directories on other filesystems (mounted inside the replica) written since the last
     /// commit, by device: `syncfs` of the root's filesystem does not reach them.
     foreign: Mutex<HashMap<u64, OwnedFd>>,
+    /// Running as root: every xattr namespace may be set, owners too.
+    root: bool,
+    /// An attribute the replica's filesystem refused was already warned about this pass.
+    warned_xattr: std::sync::atomic::AtomicBool,
 }
 
 /// This pass's backup folder, created on first use.
@@ -104,7 +110,8 @@ pub fn capabilities(owner: bool) -> Capabilities {
         symlinks: true,
         empty_dirs: true,
         hard_links: false,
-        xattrs: false,
+        xattrs: true,
+        holes: true,
         atomic_rename: true,
         read_back: true,
     }
@@ -113,28 +120,75 @@ pub fn capabilities(owner: bool) -> Capabilities {
 impl LocalReplica {
     /// Opens the replica at `path` (absolute, canonical as far as it exists). With `create`,
     /// a missing root (and its missing parents) is created first.
-    pub fn open(path: &Path, create: bool, backup: Option<PathBuf>) -> io::Result<LocalReplica> {
-        let anchor = match Anchor::open(path, Side::Replica, Resolver::Auto, create) {
+    pub fn open(path: &Path, opts: Options) -> io::Result<LocalReplica> {
+        let anchor = match Anchor::open(path, Side::Replica, Resolver::Auto, opts.create) {
             Ok(a) => Some(a),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !opts.create => None,
             Err(e) => return Err(e),
         };
+        let root = nix::unistd::geteuid().is_root();
+        let mut caps = capabilities(root);
+        caps.xattrs = opts.xattrs;
+        if let (true, Some(a)) = (opts.xattrs, &anchor) {
+            // A filesystem without extended attributes answers ENOTSUP for any name; one
+            // that has them, ENODATA for a name nobody set.
+            if let Err(rustix::io::Errno::NOTSUP) =
+                rustix::fs::fgetxattr(a.root_fd(), "user.syncer-probe", &mut [0u8; 1][..])
+            {
+                caps.xattrs = false;
+                log::warn!(
+                    "replica '{}' is on a filesystem without extended attributes: xattrs, ACLs \
+                     and file capabilities are not mirrored (content is)",
+                    show(path)
+                );
+            }
+        }
         Ok(LocalReplica {
             path: path.to_path_buf(),
             anchor,
-            caps: capabilities(nix::unistd::geteuid().is_root()),
-            backup: backup.map(|path| Backup {
+            caps,
+            backup: opts.backup.map(|path| Backup {
                 path,
                 root: OnceLock::new(),
             }),
             foreign: Mutex::new(HashMap::new()),
+            root,
+            warned_xattr: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Makes the open entry's attributes `want` (limited to what may be set), warning once
+    /// per pass about what the filesystem refuses.
+    fn sync_xattrs(&self, fd: BorrowedFd<'_>, want: &Xattrs) -> io::Result<()> {
+        let want = want.clone().settable(self.root);
+        let have = anchor::read_xattrs(fd)?.settable(self.root);
+        if want == have {
+            return Ok(());
+        }
+        let refused = anchor::write_xattrs(fd, &want, &have)?;
+        if !refused.is_empty() && !self.warned_xattr.swap(true, Ordering::Relaxed) {
+            let names: Vec<String> = refused
+                .iter()
+                .map(|n| crate::model::escape_bytes(n))
+                .collect();
+            log::warn!(
+                "the filesystem of replica '{}' does not keep {}: not mirrored (content is)",
+                show(&self.path),
+                names.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// The same, with a chosen path resolver (tests pin the component walk).
     #[cfg(test)]
     pub fn open_with(path: &Path, resolver: Resolver) -> io::Result<LocalReplica> {
-        let mut r = LocalReplica::open(path, true, None)?;
+        let opts = Options {
+            create: true,
+            backup: None,
+            xattrs: true,
+        };
+        let mut r = LocalReplica::open(path, opts)?;
         r.anchor = Some(Anchor::open(path, Side::Replica, resolver, false)?);
         Ok(r)
     }
@@ -157,13 +211,23 @@ impl LocalReplica {
         }
     }
 
-    /// Owner (when kept), mode and times of an open file or directory.
-    fn apply_meta_fd(&self, fd: BorrowedFd<'_>, meta: &Meta) -> io::Result<()> {
+    /// Owner (when kept), mode, extended attributes (when given) and times of an open file
+    /// or directory. The order matters: `chown` clears `security.capability` and setuid
+    /// bits, so owner first; an ACL's mask follows the group bits, so the ACL after the mode.
+    fn apply_meta_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        meta: &Meta,
+        xattrs: Option<&Xattrs>,
+    ) -> io::Result<()> {
         if self.caps.owner {
             let (u, g) = ids(meta);
             rustix::fs::fchown(fd, u, g)?;
         }
         rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.perm))?;
+        if let (Some(x), true) = (xattrs, self.caps.xattrs) {
+            self.sync_xattrs(fd, x)?;
+        }
         rustix::fs::futimens(fd, &timestamps(meta))?;
         Ok(())
     }
@@ -228,7 +292,11 @@ impl LocalReplica {
     ) -> Result<Installed, CopyError> {
         let bytes = content.write_into(Sink::File(tmp))?;
         let meta = *content.meta();
-        self.apply_meta_fd(tmp.as_fd(), &meta)
+        let xattrs = match self.caps.xattrs {
+            true => Some(content.xattrs().map_err(CopyError::Source)?),
+            false => None,
+        };
+        self.apply_meta_fd(tmp.as_fd(), &meta, xattrs.as_ref())
             .map_err(CopyError::Replica)?;
         let hash = content.finish()?;
         if let Some((old, version)) = unless {
@@ -427,7 +495,7 @@ impl Replica for LocalReplica {
     }
 
     fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>> {
-        Ok(Box::new(self.anchor()?.open_file(rel)?.0))
+        Ok(Box::new(self.anchor()?.open_file(rel)?.file))
     }
 
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Version)> {
@@ -437,6 +505,10 @@ impl Replica for LocalReplica {
 
     fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf> {
         self.anchor()?.read_link(rel)
+    }
+
+    fn xattrs(&self, rel: &RelPath, kind: Kind) -> io::Result<Xattrs> {
+        Ok(self.anchor()?.xattrs(rel, kind)?.settable(self.root))
     }
 
     fn install_file(
@@ -504,6 +576,7 @@ impl Replica for LocalReplica {
         &self,
         rel: &RelPath,
         meta: &Meta,
+        xattrs: Option<&Xattrs>,
         expect: Option<&Version>,
     ) -> io::Result<Option<Version>> {
         let anchor = self.anchor()?;
@@ -528,7 +601,7 @@ impl Replica for LocalReplica {
         if expect.is_some_and(|v| *v != token.to_version()) {
             return Ok(None);
         }
-        self.apply_meta_fd(fd.as_fd(), meta)?;
+        self.apply_meta_fd(fd.as_fd(), meta, xattrs)?;
         if token.dev != anchor.dev() {
             // On a filesystem mounted inside the replica: the commit must sync that one too.
             match meta.kind {
@@ -729,9 +802,9 @@ mod tests {
                     ..meta
                 };
                 assert_changed(r.mkdir(&rel("u/d/new")), "mkdir below");
-                assert_changed(r.set_meta(&rel("u/d"), &meta, None), "set_meta of it");
+                assert_changed(r.set_meta(&rel("u/d"), &meta, None, None), "set_meta of it");
                 assert_changed(
-                    r.set_meta(&rel("u/d/f"), &file_meta, None),
+                    r.set_meta(&rel("u/d/f"), &file_meta, None, None),
                     "set_meta below",
                 );
                 assert_changed(r.remove(&rel("u/d/f"), Kind::File), "remove below");
@@ -753,7 +826,7 @@ mod tests {
         let root = t.path().join("rep");
         std::fs::create_dir_all(&root).expect("mkdir");
         std::fs::write(root.join("victim"), b"root's").expect("write");
-        let r = LocalReplica::open(&root, false, None).expect("open");
+        let r = LocalReplica::open(&root, Options::default()).expect("open");
         let meta = Meta {
             kind: Kind::Symlink,
             ..dir_meta()
@@ -765,7 +838,7 @@ mod tests {
         std::fs::hard_link(root.join("victim"), root.join("l")).expect("ln");
         let before = fingerprint(&root);
         assert_changed(
-            r.set_meta(&rel("l"), &meta, None),
+            r.set_meta(&rel("l"), &meta, None, None),
             "set_meta of a swapped link",
         );
         assert_eq!(fingerprint(&root), before);
@@ -782,7 +855,7 @@ mod tests {
         std::fs::remove_dir(root.join("a/b")).expect("rmdir");
         symlink(&outside, root.join("a/b")).expect("symlink");
         let before = fingerprint(&outside);
-        let r = LocalReplica::open(&root, false, None).expect("open");
+        let r = LocalReplica::open(&root, Options::default()).expect("open");
         r.remove(&rel("a"), Kind::Dir).expect("remove");
         assert!(!root.join("a").exists());
         assert_eq!(fingerprint(&outside), before);
@@ -796,7 +869,7 @@ mod tests {
         std::fs::write(root.join("a/b/c/f"), b"x").expect("write");
         std::fs::write(root.join("g"), b"y").expect("write");
         std::fs::write(root.join("h"), b"z").expect("write");
-        let r = LocalReplica::open(&root, false, None).expect("open");
+        let r = LocalReplica::open(&root, Options::default()).expect("open");
         assert!(r.rename(&rel("g"), &rel("h")).is_err());
         r.rename(&rel("g"), &rel("a/g")).expect("rename");
         assert_eq!(std::fs::read(root.join("a/g")).expect("read"), b"y");
@@ -807,8 +880,8 @@ mod tests {
     #[test]
     fn lock_is_exclusive_between_two_handles() {
         let t = tempfile::tempdir().expect("tempdir");
-        let a = LocalReplica::open(t.path(), false, None).expect("open");
-        let b = LocalReplica::open(t.path(), false, None).expect("open");
+        let a = LocalReplica::open(t.path(), Options::default()).expect("open");
+        let b = LocalReplica::open(t.path(), Options::default()).expect("open");
         let held = a.lock().expect("lock");
         assert!(held.is_some());
         assert_eq!(

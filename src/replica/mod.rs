@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Token, Version};
+use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Token, Version, Xattrs};
 
 /// Which metadata a replica keeps, and what it can do. Compare consults it: what a replica
 /// cannot keep is never a difference.
@@ -32,7 +32,10 @@ pub struct Capabilities {
     pub symlinks: bool,
     pub empty_dirs: bool,
     pub hard_links: bool,
+    /// Extended attributes (so POSIX ACLs and file capabilities) of files and directories.
     pub xattrs: bool,
+    /// Holes of sparse files.
+    pub holes: bool,
     /// A rename replaces its target atomically.
     pub atomic_rename: bool,
     /// Content can be read back (to hash it, or to restore).
@@ -72,6 +75,8 @@ pub trait Content: Send {
     /// Once everything was written: the content's sha256, or `CopyError::Changed` when the
     /// source changed since it was opened (the replica then drops what it wrote).
     fn finish(&mut self) -> Result<Hash, CopyError>;
+    /// The source's extended attributes (asked only by a replica that keeps them).
+    fn xattrs(&self) -> io::Result<Xattrs>;
 }
 
 #[derive(Debug)]
@@ -133,6 +138,9 @@ pub trait Replica: Send + Sync {
     /// The target of a symlink.
     fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf>;
 
+    /// The extended attributes of a file or directory that this process may set.
+    fn xattrs(&self, rel: &RelPath, kind: Kind) -> io::Result<Xattrs>;
+
     /// Installs a file atomically: readers see the old entry or the new one, never a torn
     /// one. With `unless = (hash, version)`, a content whose hash equals `hash` while the
     /// entry still has `version` is not installed (`Installed::unchanged`).
@@ -149,12 +157,14 @@ pub trait Replica: Send + Sync {
     /// Creates or replaces a symlink atomically, with the owner and times of `meta`.
     fn symlink(&self, rel: &RelPath, target: &Path, meta: &Meta) -> io::Result<()>;
 
-    /// Sets the metadata of an existing entry and returns its new version. With `expect`, an
-    /// entry whose version is no longer that is left alone (`Ok(None)`).
+    /// Sets the metadata of an existing entry (and, given, its extended attributes) and
+    /// returns its new version. With `expect`, an entry whose version is no longer that is
+    /// left alone (`Ok(None)`).
     fn set_meta(
         &self,
         rel: &RelPath,
         meta: &Meta,
+        xattrs: Option<&Xattrs>,
         expect: Option<&Version>,
     ) -> io::Result<Option<Version>>;
 
@@ -184,8 +194,18 @@ pub fn check_root(path: &Path) -> Result<PathBuf, String> {
     local::check_root(path)
 }
 
-/// Opens the replica at `path` for one pass. `create`: make the root if it is missing.
-/// `backup`: this pass's backup folder (`<backup-dir>/<pass time>`).
-pub fn open(path: &Path, create: bool, backup: Option<PathBuf>) -> io::Result<Box<dyn Replica>> {
-    Ok(Box::new(local::LocalReplica::open(path, create, backup)?))
+/// What a pass asks of the replica it opens.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Make the root if it is missing.
+    pub create: bool,
+    /// This pass's backup folder (`<backup-dir>/<pass time>`).
+    pub backup: Option<PathBuf>,
+    /// Mirror extended attributes (`--no-xattrs` turns it off).
+    pub xattrs: bool,
+}
+
+/// Opens the replica at `path` for one pass.
+pub fn open(path: &Path, opts: Options) -> io::Result<Box<dyn Replica>> {
+    Ok(Box::new(local::LocalReplica::open(path, opts)?))
 }

@@ -25,7 +25,7 @@ const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
-const FORMAT: &[u8] = b"syncer-cache-2";
+const FORMAT: &[u8] = b"syncer-cache-3";
 
 /// How many pass summaries the database keeps.
 const KEEP_PASSES: u64 = 1000;
@@ -40,6 +40,8 @@ pub struct CachedFile {
     pub hash: Hash,
     /// The source token may hide a later write in the same clock tick: do not trust it.
     pub src_racy: bool,
+    /// The extended attributes were mirrored (or found equal) at these versions.
+    pub xattrs: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -233,9 +235,10 @@ impl Cache {
                     removed: Vec::new(),
                 }
                 .apply(&mut files);
-                for (name, token) in change.fixed {
+                for (name, version, xattrs) in change.fixed {
                     if let Some(f) = files.iter_mut().find(|f| f.name == name) {
-                        f.rep = token;
+                        f.rep = version;
+                        f.xattrs = xattrs;
                     }
                 }
                 put(&mut dirs, &dir, files)?;
@@ -350,8 +353,9 @@ impl Delta {
 #[derive(Default)]
 pub struct DirChange {
     pub written: Vec<CachedFile>,
-    /// (name, new replica version) of files whose metadata was fixed.
-    pub fixed: Vec<(Vec<u8>, Version)>,
+    /// (name, new replica version, extended attributes mirrored) of files whose metadata
+    /// was fixed.
+    pub fixed: Vec<(Vec<u8>, Version, bool)>,
 }
 
 fn put(
@@ -409,6 +413,7 @@ mod tests {
             rep: Version::default(),
             hash: Hash::default(),
             src_racy: false,
+            xattrs: false,
         }
     }
 

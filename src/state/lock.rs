@@ -105,7 +105,7 @@ pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held>
     let text = format!("{who} replica {}\n", show(replica));
     held.describe(&text)
         .map_err(|e| Error::io("write lock file", &path, e))?;
-    let target = crate::replica::open(replica, false, None);
+    let target = crate::replica::open(replica, crate::replica::Options::default());
     // A replica that cannot be opened yet (missing) has nothing to lock; the pass reports
     // any other problem with it.
     if let Ok(target) = target {

@@ -1,0 +1,251 @@
+//! What `rsync -aHAXS` keeps beyond content, mode, owner and times (issue 11), checked with
+//! the real binary as root: sparse files keep their holes (allocated size within 1 MiB of the
+//! source's, holes never read to hash them); extended attributes of every namespace, POSIX
+//! ACLs and file capabilities are mirrored, and a change to them is a metadata fix. (ext4
+//! keeps all of an inode's attributes in one 4 KiB block, which bounds the sizes used.)
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Bytes allocated on disk for `path`.
+fn allocated(path: &Path) -> u64 {
+    fs::symlink_metadata(path).expect("lstat").blocks() * 512
+}
+
+/// Writes `data` at `offset` in `path` (created as an empty file of `size` bytes if new).
+fn write_at(path: &Path, size: u64, offset: u64, data: &[u8]) {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("open");
+    if f.metadata().expect("stat").len() < size {
+        f.set_len(size).expect("set_len");
+    }
+    f.seek(SeekFrom::Start(offset)).expect("seek");
+    f.write_all(data).expect("write");
+}
+
+/// `(files, bytes)` of the last pass's `hashed F files / B bytes`.
+fn hashed(env: &Env) -> (u64, u64) {
+    let log = env.schedule_log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("PASS END"))
+        .expect("a PASS END line")
+        .to_string();
+    let rest = line.split("hashed ").nth(1).expect("hashed field");
+    let w: Vec<&str> = rest.split_whitespace().collect();
+    (w[0].parse().expect("files"), w[3].parse().expect("bytes"))
+}
+
+fn assert_holes_kept(src: &Path, rep: &Path) {
+    for e in walkdir::WalkDir::new(src)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let rel = e.path().strip_prefix(src).expect("below src");
+        let (a, b) = (allocated(e.path()), allocated(&rep.join(rel)));
+        assert!(
+            a.abs_diff(b) <= MIB,
+            "'{}': {b} bytes allocated in the replica, {a} in the source",
+            rel.display()
+        );
+    }
+}
+
+#[test]
+fn sparse_files_keep_their_holes_and_holes_are_never_read() {
+    let env = Env::new();
+    let image = env.src.join("vm/disk.img");
+    fs::create_dir_all(image.parent().expect("parent")).expect("mkdir");
+    let mut rng = Rng::new(11);
+    // A 1 GiB image with three data extents.
+    for (i, off) in [0, 300 * MIB, 900 * MIB].into_iter().enumerate() {
+        write_at(&image, 1 << 30, off, &rng.bytes(64 * 1024 + i * 4096));
+    }
+    // Only a hole; data then a trailing hole.
+    File::create(env.src.join("hole.bin"))
+        .expect("create")
+        .set_len(50 * MIB)
+        .expect("set_len");
+    write_at(&env.src.join("tail.bin"), 20 * MIB, 0, &rng.bytes(100_000));
+    write(&env.src.join("plain.txt"), b"not sparse");
+    assert!(
+        allocated(&image) < 2 * MIB,
+        "the test filesystem does not keep holes"
+    );
+
+    env.mirror_ok(&[]);
+    assert_rsync_agrees(&env.src, &env.rep);
+    assert_holes_kept(&env.src, &env.rep);
+
+    // A new data extent in the image: copied, holes still kept, content equal.
+    write_at(&image, 1 << 30, 600 * MIB, &rng.bytes(8192));
+    env.mirror_ok(&[]);
+    assert_rsync_agrees(&env.src, &env.rep);
+    assert_holes_kept(&env.src, &env.rep);
+    assert_eq!(
+        fs::read(&image).expect("read"),
+        fs::read(env.rep.join("vm/disk.img")).expect("read"),
+    );
+
+    // A scrub hashes every byte of both sides, but reads only the data extents.
+    std::thread::sleep(Duration::from_millis(10));
+    env.mirror_ok(&["--checksum"]);
+    let (files, bytes) = hashed(&env);
+    assert_eq!(files, 8, "four files on each side");
+    assert!(
+        bytes < 2 * MIB,
+        "{bytes} bytes read to hash: the holes were read"
+    );
+}
+
+/// Runs a tool of the test's setup, failing the test if it fails.
+fn run(tool: &str, args: &[&str], path: &Path) {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is required by this test (.ci/run installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}",
+        text(&out)
+    );
+}
+
+/// Every extended attribute of `path` (all namespaces root can read), as `getfattr` dumps
+/// them in hex, without the file-name line.
+fn xattr_dump(path: &Path) -> String {
+    let out = std::process::Command::new("getfattr")
+        .args(["-h", "-d", "-m", "-", "-e", "hex"])
+        .arg(path)
+        .output()
+        .expect("getfattr (.ci/run installs attr)");
+    assert!(out.status.success(), "getfattr failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("# file:") && !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `rsync -anicAX --delete`: nothing to itemize, ACLs and xattrs included.
+fn assert_rsync_ax_agrees(src: &Path, rep: &Path) {
+    let out = std::process::Command::new("rsync")
+        .args(["-anicAX", "--delete"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("{}/", rep.display()))
+        .output()
+        .expect("rsync");
+    assert!(out.status.success(), "rsync failed: {}", text(&out));
+    let diff = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(diff.is_empty(), "rsync -anicAX sees differences:\n{diff}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::from("0x");
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+#[test]
+fn xattrs_acls_and_file_capabilities_are_mirrored_and_a_change_is_only_a_fix() {
+    let env = Env::new();
+    let mut rng = Rng::new(7);
+    let file = env.src.join("data/notes.txt");
+    let dir = env.src.join("data/shared");
+    write(&file, b"some notes\n");
+    fs::create_dir_all(&dir).expect("mkdir");
+    write(&dir.join("inside.txt"), b"inside\n");
+    for (name, size) in [
+        ("user.small", 1usize),
+        ("user.mid", 300),
+        ("user.big", 2900),
+    ] {
+        let value = hex(&rng.bytes(size));
+        run("setfattr", &["-n", name, "-v", &value], &file);
+        run("setfattr", &["-n", name, "-v", &value], &dir);
+    }
+    run("setfattr", &["-n", "user.empty"], &file);
+    run(
+        "setfattr",
+        &["-n", "trusted.root-only", "-v", "0x00ff00"],
+        &file,
+    );
+    run("setfacl", &["-m", "u:nobody:rw,g:nogroup:r"], &file);
+    run("setfacl", &["-d", "-m", "u:nobody:rwx"], &dir);
+    let ping = env.src.join("bin/ping-like");
+    fs::create_dir_all(ping.parent().expect("parent")).expect("mkdir");
+    fs::copy("/bin/true", &ping).expect("copy /bin/true");
+    run("setcap", &["cap_net_raw+ep"], &ping);
+
+    env.mirror_ok(&[]);
+    assert_rsync_ax_agrees(&env.src, &env.rep);
+    for p in [&file, &dir, &ping] {
+        let rel = p.strip_prefix(&env.src).expect("below src");
+        let (a, b) = (xattr_dump(p), xattr_dump(&env.rep.join(rel)));
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "attributes of '{}'", rel.display());
+    }
+    let caps = std::process::Command::new("getcap")
+        .arg(env.rep.join("bin/ping-like"))
+        .output()
+        .expect("getcap");
+    assert!(text(&caps).contains("cap_net_raw"), "{}", text(&caps));
+
+    // Changed, removed and added attributes and a changed ACL: metadata fixes, no copy.
+    let before = env.io_log();
+    run("setfattr", &["-n", "user.mid", "-v", "0x0102"], &file);
+    run("setfattr", &["-x", "user.big"], &file);
+    run("setfattr", &["-n", "user.new", "-v", "fresh"], &dir);
+    run("setfacl", &["-m", "u:nobody:r"], &file);
+    env.mirror_ok(&[]);
+    assert_rsync_ax_agrees(&env.src, &env.rep);
+    let log = env.io_log()[before.len()..].to_string();
+    assert!(log.contains(" META data/notes.txt"), "{log}");
+    assert!(log.contains(" META data/shared"), "{log}");
+    assert!(
+        !log.contains("UPDATE"),
+        "an attribute change was copied:\n{log}"
+    );
+
+    // Once the source is past the racy window, an idle pass reads nothing, changes nothing.
+    std::thread::sleep(Duration::from_millis(3100));
+    env.mirror_ok(&[]);
+    let before = env.io_log();
+    env.mirror_ok(&[]);
+    assert_eq!(hashed(&env).0, 0, "the idle pass read file content");
+    assert_eq!(
+        env.io_log()[before.len()..].lines().count(),
+        0,
+        "the idle pass changed something"
+    );
+    assert_rsync_ax_agrees(&env.src, &env.rep);
+}
+
+#[test]
+fn no_xattrs_mirrors_content_without_attributes() {
+    let env = Env::new();
+    let file = env.src.join("f.txt");
+    write(&file, b"x");
+    run("setfattr", &["-n", "user.tag", "-v", "v"], &file);
+    env.mirror_ok(&["--no-xattrs"]);
+    assert_eq!(fs::read(env.rep.join("f.txt")).expect("read"), b"x");
+    assert!(xattr_dump(&env.rep.join("f.txt")).is_empty());
+}
