@@ -67,6 +67,10 @@ pub struct SyncArgs {
     /// Move every replica file about to be overwritten or deleted into DIR/<pass time>/.
     #[arg(long, value_name = "DIR")]
     pub backup_dir: Option<PathBuf>,
+    /// Do not cross filesystem boundaries: a mount point in the source is mirrored as an
+    /// empty directory, one in the replica is left alone.
+    #[arg(long, short = 'x')]
+    pub one_file_system: bool,
     /// Do not mirror extended attributes (so neither ACLs nor file capabilities).
     #[arg(long)]
     pub no_xattrs: bool,

@@ -93,6 +93,8 @@ pub struct Config {
     pub threads: usize,
     /// Mirror extended attributes, ACLs and file capabilities (default; `--no-xattrs`).
     pub xattrs: bool,
+    /// `-x, --one-file-system`: do not cross mount points on either side.
+    pub one_file_system: bool,
     pub verbosity: Verbosity,
     /// `--interval` (daemon only).
     pub interval: Option<Duration>,
@@ -250,6 +252,7 @@ impl Config {
             backup_dir,
             threads,
             xattrs: !args.no_xattrs,
+            one_file_system: args.one_file_system,
             verbosity,
             interval,
         })

@@ -141,6 +141,36 @@ impl PathChanged {
     }
 }
 
+/// A directory on another filesystem than its tree's root, met with `--one-file-system`
+/// (or below a tree being removed): it is not descended into.
+#[derive(Debug)]
+pub struct MountPoint {
+    pub side: Side,
+    pub rel: RelPath,
+}
+
+impl fmt::Display for MountPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "'{}' is a mount point (another filesystem) in the {}: not descended into",
+            self.rel, self.side
+        )
+    }
+}
+
+impl std::error::Error for MountPoint {}
+
+impl MountPoint {
+    pub fn into_io(self) -> io::Error {
+        io::Error::other(self)
+    }
+
+    pub fn of(err: &io::Error) -> Option<&MountPoint> {
+        err.get_ref()?.downcast_ref::<MountPoint>()
+    }
+}
+
 /// What was being done to the replica when a per-entry write failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteOp {
@@ -297,6 +327,9 @@ impl fmt::Display for EntryError {
 pub fn reason(err: &std::io::Error) -> String {
     if let Some(changed) = PathChanged::of(err) {
         return changed.to_string();
+    }
+    if let Some(mount) = MountPoint::of(err) {
+        return mount.to_string();
     }
     let s = err.to_string();
     match s.find(" (os error") {

@@ -43,6 +43,8 @@ struct Trees {
     source: LocalSource,
     replica: Box<dyn Replica>,
     src_root: Meta,
+    /// The source root's device (`--one-file-system` stays on it).
+    src_dev: u64,
     /// `None`: the replica does not exist yet (a dry run of a first pass).
     rep_root: Option<Meta>,
 }
@@ -139,6 +141,7 @@ impl<'a> Pass<'a> {
             create: !cfg.dry_run,
             backup: self.backup_dir(),
             xattrs: cfg.xattrs,
+            one_file_system: cfg.one_file_system,
         };
         let replica = replica::open(&cfg.replica, opts).map_err(|e| {
             format!(
@@ -155,6 +158,7 @@ impl<'a> Pass<'a> {
             )
         })?;
         Ok(Trees {
+            src_dev: source.root_dev(),
             source,
             replica,
             src_root,
@@ -177,6 +181,7 @@ impl<'a> Pass<'a> {
             },
             excludes: &self.cfg.excludes,
             recall: &snapshot,
+            one_fs_dev: self.cfg.one_file_system.then_some(trees.src_dev),
         };
         let scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
         let c = &mut self.record.counts;

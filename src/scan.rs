@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::cancel;
 use crate::compare::{Compare, FileVerdict};
 use crate::config::Excludes;
-use crate::error::{EntryError, Side};
+use crate::error::{EntryError, MountPoint, Side};
 use crate::model::{is_temp_name, Entry, Kind, Meta, RelPath};
 use crate::plan::{Action, LinkSpec, Op, Plan, Reason};
 use crate::state::cache::{CachedFile, Delta, DirRecord, Recall};
@@ -27,6 +27,9 @@ pub struct Ctx<'a> {
     pub excludes: &'a Excludes,
     /// The hash cache as it was when the pass started.
     pub recall: &'a dyn Recall,
+    /// `--one-file-system`: the source root's device; a source directory on another one is
+    /// a mount point, mirrored as an empty directory, never walked.
+    pub one_fs_dev: Option<u64>,
 }
 
 /// How a directory's cache record must change after the pass, as far as the scan knows:
@@ -98,6 +101,11 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Sca
         None => Vec::new(),
         Some(_) => match cx.replica.list(rel) {
             Ok(v) => v,
+            Err(e) if MountPoint::of(&e).is_some() => {
+                // Unknown, like an unreadable source directory: nothing below it changes.
+                log::warn!("{}", crate::error::reason(&e));
+                return out;
+            }
             Err(e) => {
                 out.plan.problems.push(EntryError::Read {
                     side: Side::Replica,
@@ -251,7 +259,7 @@ fn decide(
     match (src, rep) {
         (None, None) => {}
         (None, Some(r)) => delete(ctx, &rel, &r.meta, &mut c),
-        (Some(s), None) => create(ctx, &rel, &s.meta, &mut c),
+        (Some(s), None) => create(ctx, &rel, &s.meta, is_mount(ctx, &s), &mut c),
         (Some(s), Some(r)) => {
             c.plan.plan.replica_entries += 1;
             let (sk, rk) = (s.meta.kind, r.meta.kind);
@@ -261,9 +269,20 @@ fn decide(
                 // Replace: the old entry goes first (apply runs deletions before creations).
                 delete(ctx, &rel, &r.meta, &mut c);
                 c.plan.plan.replica_entries -= 1;
-                create(ctx, &rel, &s.meta, &mut c);
+                create(ctx, &rel, &s.meta, is_mount(ctx, &s), &mut c);
             } else {
                 match sk {
+                    Kind::Dir if is_mount(ctx, &s) => {
+                        // Its metadata only: what is below it is neither copied nor deleted.
+                        if ctx.compare.caps.meta_differs(&s.meta, &r.meta) {
+                            c.plan.plan.actions.push(Action {
+                                rel,
+                                op: Op::DirMeta {
+                                    meta: Box::new(s.meta),
+                                },
+                            });
+                        }
+                    }
                     Kind::Dir => {
                         let sub = walk(ctx, &rel, Some(&s.meta), Some(&r.meta));
                         c.plan = std::mem::take(&mut c.plan).merge(sub);
@@ -315,8 +334,14 @@ fn skip_special(rel: &RelPath, c: &mut Child) {
     c.plan.plan.specials += 1;
 }
 
-/// Plans the creation of a source entry that the replica lacks.
-fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
+/// A source directory on another filesystem than the root's, with `--one-file-system`.
+fn is_mount(ctx: &Ctx, s: &crate::model::SrcEntry) -> bool {
+    s.meta.kind == Kind::Dir && ctx.one_fs_dev.is_some_and(|dev| s.version.dev != dev)
+}
+
+/// Plans the creation of a source entry that the replica lacks. `mount`: a mount point
+/// (`--one-file-system`), made as an empty directory with its metadata.
+fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, mount: bool, c: &mut Child) {
     let plan = &mut c.plan.plan;
     match meta.kind {
         Kind::Special => skip_special(rel, c),
@@ -358,6 +383,15 @@ fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
                 rel: rel.clone(),
                 op: Op::Mkdir,
             });
+            if mount {
+                plan.actions.push(Action {
+                    rel: rel.clone(),
+                    op: Op::DirMeta {
+                        meta: Box::new(*meta),
+                    },
+                });
+                return;
+            }
             let sub = walk(ctx, rel, Some(meta), None);
             c.plan = std::mem::take(&mut c.plan).merge(sub);
         }
@@ -370,7 +404,8 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
     if meta.kind == Kind::Dir {
         let (entries, excluded) = count_tree(ctx, rel);
         if excluded {
-            // Excluded entries are never deleted: remove the rest, keep the directory.
+            // Excluded entries (and mount points) are never deleted: remove the rest, keep
+            // the directory.
             c.plan.plan.replica_entries += 1;
             let sub = walk(ctx, rel, None, Some(meta));
             c.plan = std::mem::take(&mut c.plan).merge(sub);
@@ -401,10 +436,12 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
 }
 
 /// Counts the entries below a replica directory (never following symlinks) and says whether
-/// any of them is excluded.
+/// any of them must stay: an excluded entry, or a mount point (`--one-file-system`).
 fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool) {
-    let Ok(entries) = ctx.compare.replica.list(rel) else {
-        return (0, false);
+    let entries = match ctx.compare.replica.list(rel) {
+        Ok(v) => v,
+        Err(e) if MountPoint::of(&e).is_some() => return (0, true),
+        Err(_) => return (0, false),
     };
     entries
         .par_iter()

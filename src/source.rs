@@ -32,6 +32,8 @@ pub const PIPELINE_MIN: u64 = 8 << 20;
 pub trait SourceTree: Send + Sync {
     /// The root's metadata.
     fn root(&self) -> io::Result<Meta>;
+    /// The device of the root's filesystem (what `--one-file-system` stays on).
+    fn root_dev(&self) -> u64;
     /// Lists a directory, sorted by name bytes.
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>>;
     /// Hashes a file: its sha256 and the token it had while it was read.
@@ -65,6 +67,10 @@ impl LocalSource {
 impl SourceTree for LocalSource {
     fn root(&self) -> io::Result<Meta> {
         Ok(self.anchor.stat_root()?.0)
+    }
+
+    fn root_dev(&self) -> u64 {
+        self.anchor.dev()
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>> {

@@ -296,6 +296,10 @@ impl SourceTree for Fake {
         Ok(self.node(&RelPath::root())?.meta)
     }
 
+    fn root_dev(&self) -> u64 {
+        1
+    }
+
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>> {
         self.entries(dir, Fake::token)
     }

@@ -22,7 +22,7 @@ use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags, Timespec, T
 
 use super::{Capabilities, Content, CopyError, Installed, Options, Replica, Sink};
 use crate::anchor::{self, Anchor, Resolver};
-use crate::error::{PathChanged, Side};
+use crate::error::{MountPoint, PathChanged, Side};
 use crate::model::{
     show, Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
 };
@@ -41,6 +41,8 @@ pub struct LocalReplica {
     foreign: Mutex<HashMap<u64, OwnedFd>>,
     /// Running as root: every xattr namespace may be set, owners too.
     root: bool,
+    /// `--one-file-system`: directories on other filesystems are not listed.
+    one_file_system: bool,
     /// An attribute the replica's filesystem refused was already warned about this pass.
     warned_xattr: std::sync::atomic::AtomicBool,
 }
@@ -153,6 +155,7 @@ impl LocalReplica {
             }),
             foreign: Mutex::new(HashMap::new()),
             root,
+            one_file_system: opts.one_file_system,
             warned_xattr: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -187,6 +190,7 @@ impl LocalReplica {
             create: true,
             backup: None,
             xattrs: true,
+            one_file_system: false,
         };
         let mut r = LocalReplica::open(path, opts)?;
         r.anchor = Some(Anchor::open(path, Side::Replica, resolver, false)?);
@@ -330,6 +334,12 @@ impl LocalReplica {
     fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), RemoveError> {
         let fd = anchor::subdir(dir, name, OFlags::RDONLY).map_err(RemoveError::Top)?;
         let below = |e: rustix::io::Errno| RemoveError::Below(e.into());
+        // Never into another filesystem mounted below: its content is not the replica's.
+        let here = rustix::fs::fstat(&fd).map_err(below)?.st_dev;
+        let parent = rustix::fs::fstat(dir).map_err(below)?.st_dev;
+        if here != parent {
+            return Err(RemoveError::Mount);
+        }
         let sub = anchor::reopen(&fd, OFlags::PATH).map_err(RemoveError::Below)?;
         for (child, meta, _) in anchor::list_fd(fd).map_err(RemoveError::Below)? {
             let gone = if meta.kind == Kind::Dir {
@@ -338,7 +348,7 @@ impl LocalReplica {
                         rustix::fs::unlinkat(&sub, child.as_os_str(), AtFlags::empty())
                     }
                     Err(RemoveError::Top(e)) => Err(e),
-                    Err(RemoveError::Below(e)) => return Err(RemoveError::Below(e)),
+                    Err(other) => return Err(other),
                     Ok(()) => Ok(()),
                 }
             } else {
@@ -386,10 +396,12 @@ impl LocalReplica {
     }
 }
 
-/// Why a tree removal failed: at the tree's own entry, or somewhere below it.
+/// Why a tree removal failed: at the tree's own entry, somewhere below it, or because it
+/// reached a directory on another filesystem.
 enum RemoveError {
     Top(rustix::io::Errno),
     Below(io::Error),
+    Mount,
 }
 
 /// The entry is not (or no longer) a directory: a symlink or a file took its place.
@@ -475,8 +487,18 @@ impl Replica for LocalReplica {
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>> {
-        Ok(self
-            .anchor()?
+        let anchor = self.anchor()?;
+        if self.one_file_system && !dir.is_root() {
+            let (_, token) = anchor::from_stat(&rustix::fs::fstat(anchor.open_dir(dir)?)?);
+            if token.dev != anchor.dev() {
+                return Err(MountPoint {
+                    side: Side::Replica,
+                    rel: dir.clone(),
+                }
+                .into_io());
+            }
+        }
+        Ok(anchor
             .list(dir)?
             .into_iter()
             .map(|(name, meta, token)| Entry {
@@ -640,6 +662,10 @@ impl Replica for LocalReplica {
             .into_io()),
             Err(RemoveError::Top(e)) => Err(e.into()),
             Err(RemoveError::Below(e)) => Err(e),
+            Err(RemoveError::Mount) => Err(io::Error::other(format!(
+                "a filesystem is mounted at or below '{}'; nothing on it is deleted",
+                rel
+            ))),
             Ok(()) => Ok(()),
         }
     }

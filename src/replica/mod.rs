@@ -203,6 +203,9 @@ pub struct Options {
     pub backup: Option<PathBuf>,
     /// Mirror extended attributes (`--no-xattrs` turns it off).
     pub xattrs: bool,
+    /// `--one-file-system`: a directory on another filesystem than the root's is not
+    /// listed (a `MountPoint` error), so nothing below it is changed.
+    pub one_file_system: bool,
 }
 
 /// Opens the replica at `path` for one pass.

@@ -395,3 +395,25 @@ pub fn os(bytes: &[u8]) -> OsString {
 pub fn name_bytes(p: &Path) -> &[u8] {
     p.as_os_str().as_bytes()
 }
+
+/// Unmounts a mount point when dropped (before the scratch directory is removed).
+pub struct Mount(PathBuf);
+
+impl Mount {
+    pub fn tmpfs(dir: &Path, size: &str) -> Mount {
+        fs::create_dir_all(dir).expect("mkdir mount point");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount -t tmpfs failed (tests run as root)");
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

@@ -249,3 +249,72 @@ fn no_xattrs_mirrors_content_without_attributes() {
     assert_eq!(fs::read(env.rep.join("f.txt")).expect("read"), b"x");
     assert!(xattr_dump(&env.rep.join("f.txt")).is_empty());
 }
+
+#[test]
+fn one_file_system_mirrors_a_source_mount_point_as_an_empty_directory() {
+    let env = Env::new();
+    write(&env.src.join("a.txt"), b"on the root filesystem");
+    let mnt = env.src.join("mnt");
+    let _mount = Mount::tmpfs(&mnt, "4m");
+    chmod(&mnt, 0o750);
+    write(&mnt.join("inner.txt"), b"on another filesystem");
+    fs::create_dir_all(env.rep.join("mnt")).expect("mkdir");
+    write(&env.rep.join("mnt/kept.txt"), b"an earlier copy");
+
+    let out = env.monoshot(&["-x"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        fs::read(env.rep.join("a.txt")).expect("read"),
+        b"on the root filesystem"
+    );
+    assert!(
+        !env.rep.join("mnt/inner.txt").exists(),
+        "-x descended into a mount point"
+    );
+    let mode = |p: &Path| fs::metadata(p).expect("stat").mode() & 0o7777;
+    assert_eq!(
+        mode(&env.rep.join("mnt")),
+        0o750,
+        "the mount point's metadata"
+    );
+    assert_eq!(
+        fs::read(env.rep.join("mnt/kept.txt")).expect("read"),
+        b"an earlier copy",
+        "what is below a mount point is not deleted either"
+    );
+
+    // Without -x the mount point is crossed, as before.
+    let out = env.monoshot(&[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        fs::read(env.rep.join("mnt/inner.txt")).expect("read"),
+        b"on another filesystem"
+    );
+}
+
+#[test]
+fn a_mount_point_in_the_replica_is_never_descended_into_or_deleted_through() {
+    let env = Env::new();
+    write(&env.src.join("a.txt"), b"a");
+    fs::create_dir_all(&env.rep).expect("mkdir");
+    let data = env.rep.join("data");
+    let _mount = Mount::tmpfs(&data, "4m");
+    write(&data.join("keep.txt"), b"someone else's filesystem");
+
+    let out = env.monoshot(&["-x"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(stderr(&out).contains("mount point"), "{}", text(&out));
+    assert!(
+        data.join("keep.txt").exists(),
+        "-x deleted through a mount point"
+    );
+
+    // Without -x the entry is to be deleted, but nothing on the mounted filesystem is.
+    let out = env.monoshot(&[]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(stderr(&out).contains("'data'"), "{}", text(&out));
+    assert_eq!(
+        fs::read(data.join("keep.txt")).expect("read"),
+        b"someone else's filesystem"
+    );
+}

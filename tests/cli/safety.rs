@@ -116,28 +116,6 @@ fn start_daemon(env: &Env, interval: &str) -> DaemonGuard {
     guard
 }
 
-/// Unmounts a mount point when dropped (before the scratch directory is removed).
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, size: &str) -> Mount {
-        fs::create_dir_all(dir).expect("mkdir mount point");
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mount -t tmpfs failed (tests run as root)");
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// Appends a 100-byte record to a file every millisecond until dropped.
 struct Appender {
     stop: Arc<AtomicBool>,
