@@ -25,6 +25,25 @@ pub enum Command {
     Stop(JobArgs),
     /// Show the state of a job.
     Status(StatusArgs),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout.
+    Manpage,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// Shells `syncer completions` writes a script for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// Options shared by `monoshot` and `start`.

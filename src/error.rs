@@ -40,6 +40,15 @@ pub enum Error {
     Busy(String),
     #[error("{0}")]
     Refused(String),
+    /// stdout was closed by its reader: the command stopped writing (see `term`); no message.
+    #[error("")]
+    Closed,
+}
+
+impl From<crate::term::Closed> for Error {
+    fn from(_: crate::term::Closed) -> Error {
+        Error::Closed
+    }
 }
 
 impl Error {
@@ -56,6 +65,7 @@ impl Error {
             Error::Usage(_) | Error::Io { .. } => ExitCode::Usage,
             Error::Busy(_) => ExitCode::Busy,
             Error::Refused(_) => ExitCode::Refused,
+            Error::Closed => ExitCode::Ok,
         }
     }
 }

@@ -32,10 +32,10 @@ pub fn wants_progress(cfg: &Config) -> bool {
 pub fn base_status(cfg: &Config) -> JobStatus {
     JobStatus {
         name: cfg.name.clone(),
-        source: crate::model::show(&cfg.source),
-        replica: crate::model::show(&cfg.replica),
+        source: Some(crate::model::show(&cfg.source)),
+        replica: Some(crate::model::show(&cfg.replica)),
         interval_seconds: cfg.interval.map(|i| i.as_secs()),
-        updated: journal::now_rfc3339(),
+        updated: Some(journal::now_rfc3339()),
         ..JobStatus::default()
     }
 }
@@ -48,7 +48,7 @@ pub fn record_pass(status: &mut JobStatus, pass: &PassRecord) {
         None
     };
     status.last_pass = Some(pass.clone());
-    status.updated = journal::now_rfc3339();
+    status.updated = Some(journal::now_rfc3339());
 }
 
 pub fn build_pool(threads: usize) {

@@ -27,3 +27,4 @@ pub mod replica;
 pub mod scan;
 pub mod source;
 pub mod state;
+pub mod term;

@@ -12,11 +12,14 @@ fn main() -> std::process::ExitCode {
         Command::Start(a) => commands::start::run(a),
         Command::Stop(a) => commands::stop::run(a),
         Command::Status(a) => commands::status::run(a),
+        Command::Completions(a) => commands::generate::completions(a),
+        Command::Manpage => commands::generate::manpage(),
     };
     let code = match result {
         Ok(code) => code,
+        Err(syncer::error::Error::Closed) => syncer::error::ExitCode::Ok,
         Err(e) => {
-            eprintln!("syncer: {e}");
+            syncer::term::err(format_args!("{e}"));
             e.exit_code()
         }
     };

@@ -99,13 +99,14 @@ fn confirm(
         if let Some(text) = lock::holder(pid_path) {
             if text.split_whitespace().nth(1) == Some(nonce) {
                 let pid = daemon::pid_of(&text).unwrap_or(0);
-                println!(
+                // The daemon runs whether or not this line can be written.
+                let _ = crate::term::out(format_args!(
                     "started job '{}' (pid {pid}): '{}' -> '{}' every {}",
                     cfg.name,
                     crate::model::show(&cfg.source),
                     crate::model::show(&cfg.replica),
                     humantime::format_duration(cfg.interval.unwrap_or_default())
-                );
+                ));
                 return Ok(ExitCode::Ok);
             }
         }

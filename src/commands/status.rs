@@ -9,6 +9,7 @@ use crate::daemon;
 use crate::error::{ExitCode, Result};
 use crate::state::status::{self, JobStatus};
 use crate::state::{self, lock};
+use crate::term;
 
 /// Job names known in a state directory (from status and PID files), sorted.
 pub fn job_names(dir: &Path) -> Vec<String> {
@@ -66,35 +67,44 @@ pub fn run(args: &StatusArgs) -> Result<ExitCode> {
         } else {
             serde_json::to_string_pretty(&jobs[0])
         };
-        println!("{}", text.unwrap_or_default());
+        term::out(format_args!("{}", text.unwrap_or_default()))?;
         return Ok(ExitCode::Ok);
     }
     if jobs.is_empty() {
-        println!("no jobs in '{}'", crate::model::show(&dir));
+        term::out(format_args!("no jobs in '{}'", crate::model::show(&dir)))?;
     }
     for st in jobs {
-        print_human(&st);
+        print_human(&st, &dir)?;
     }
     Ok(ExitCode::Ok)
 }
 
-fn print_human(st: &JobStatus) {
+fn print_human(st: &JobStatus, dir: &Path) -> std::result::Result<(), term::Closed> {
     match st.pid {
-        Some(pid) if st.running => println!("job '{}': running (pid {pid})", st.name),
-        _ => println!("job '{}': not running", st.name),
+        Some(pid) if st.running => {
+            term::out(format_args!("job '{}': running (pid {pid})", st.name))?
+        }
+        _ if st.never_ran() => {
+            return term::out(format_args!(
+                "job '{}': never ran (nothing recorded in '{}')",
+                st.name,
+                crate::model::show(dir)
+            ))
+        }
+        _ => term::out(format_args!("job '{}': not running", st.name))?,
     }
-    if !st.source.is_empty() {
-        println!("  source:    {}", st.source);
-        println!("  replica:   {}", st.replica);
+    if let (Some(s), Some(r)) = (&st.source, &st.replica) {
+        term::out(format_args!("  source:    {s}"))?;
+        term::out(format_args!("  replica:   {r}"))?;
     }
     if let Some(i) = st.interval_seconds {
-        println!(
+        term::out(format_args!(
             "  interval:  {}",
             humantime::format_duration(std::time::Duration::from_secs(i))
-        );
+        ))?;
     }
     match &st.last_pass {
-        Some(p) => println!(
+        Some(p) => term::out(format_args!(
             "  last pass: {} {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, meta {}, \
              copied {} bytes, hashed {} files, errors {}, skipped {}",
             p.started,
@@ -109,16 +119,17 @@ fn print_human(st: &JobStatus) {
             p.counts.hashed_files,
             p.counts.errors,
             p.counts.skipped
-        ),
-        None => println!("  last pass: none"),
+        ))?,
+        None => term::out(format_args!("  last pass: none"))?,
     }
     if let Some(r) = st.last_pass.as_ref().and_then(|p| p.reason.as_ref()) {
-        println!("  reason:    {r}");
+        term::out(format_args!("  reason:    {r}"))?;
     }
     if let Some(n) = &st.next_pass {
-        println!("  next pass: {n}");
+        term::out(format_args!("  next pass: {n}"))?;
     }
     if let Some(r) = &st.refused_reason {
-        println!("  refused:   {r}");
+        term::out(format_args!("  refused:   {r}"))?;
     }
+    Ok(())
 }

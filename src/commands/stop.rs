@@ -10,6 +10,7 @@ use crate::config;
 use crate::daemon;
 use crate::error::{ExitCode, Result};
 use crate::state::{self, lock};
+use crate::term;
 
 /// How long `stop` waits for a daemon to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,23 +24,27 @@ pub fn run(args: &JobArgs) -> Result<ExitCode> {
         vec![args.name.clone()]
     };
     if args.all && names.is_empty() {
-        println!("no jobs in '{}'", crate::model::show(&dir));
+        let _ = term::out(format_args!("no jobs in '{}'", crate::model::show(&dir)));
     }
     let mut code = ExitCode::Ok;
     for name in names {
         config::check_name(&name)?;
         let pid_path = state::file(&dir, &name, "pid");
         let Some(text) = lock::holder(&pid_path) else {
-            println!("job '{name}' is not running");
+            let _ = term::out(format_args!("job '{name}' is not running"));
             continue;
         };
         let Some(pid) = daemon::pid_of(&text) else {
-            eprintln!("syncer: job '{name}' holds its PID file but its pid is unreadable");
+            term::err(format_args!(
+                "job '{name}' holds its PID file but its pid is unreadable"
+            ));
             code = ExitCode::Partial;
             continue;
         };
         if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
-            eprintln!("syncer: could not signal job '{name}' (pid {pid}): {e}");
+            term::err(format_args!(
+                "could not signal job '{name}' (pid {pid}): {e}"
+            ));
             code = ExitCode::Partial;
             continue;
         }
@@ -48,16 +53,16 @@ pub fn run(args: &JobArgs) -> Result<ExitCode> {
             std::thread::sleep(Duration::from_millis(20));
         }
         if lock::holder(&pid_path).is_some() {
-            eprintln!(
-                "syncer: job '{name}' (pid {pid}) did not stop within {}s",
+            term::err(format_args!(
+                "job '{name}' (pid {pid}) did not stop within {}s",
                 STOP_TIMEOUT.as_secs()
-            );
+            ));
             code = ExitCode::Partial;
         } else {
-            println!(
+            let _ = term::out(format_args!(
                 "stopped job '{name}' (pid {pid}) in {:.1}s",
                 t0.elapsed().as_secs_f64()
-            );
+            ));
         }
     }
     Ok(code)

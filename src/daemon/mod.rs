@@ -55,7 +55,7 @@ fn fail(cfg: &Config, nonce: &str, foreground: bool, code: ExitCode, msg: &str) 
             format!("{nonce} {} {msg}\n", code as i32),
         );
     }
-    eprintln!("syncer: {msg}");
+    crate::term::err(format_args!("{msg}"));
     code
 }
 
@@ -177,7 +177,7 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     st.running = false;
     st.pid = None;
     st.next_pass = None;
-    st.updated = journal::now_rfc3339();
+    st.updated = Some(journal::now_rfc3339());
     let _ = status::write(&cfg.state_dir, &st);
     journal::schedule(format_args!("DAEMON STOP pid {pid}"));
     // Release the cache and the replica lock BEFORE the PID file: `syncer stop` returns as

@@ -75,11 +75,13 @@ fn ids(meta: &Meta) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
     )
 }
 
-/// A fresh temp name in a directory: `.syncer-<pid>-<n>.tmp`.
+/// A fresh temp name in a directory: `.syncer-<pid>-<n>.tmp`. (The pid is read once:
+/// `getpid` is a system call, and this runs once per file.)
 fn temp_name() -> OsString {
+    static PID: OnceLock<u32> = OnceLock::new();
     OsString::from(format!(
         ".syncer-{}-{}.tmp",
-        std::process::id(),
+        PID.get_or_init(std::process::id),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ))
 }

@@ -31,15 +31,24 @@ pub struct JobStatus {
     pub name: String,
     pub running: bool,
     pub pid: Option<u32>,
-    pub source: String,
-    pub replica: String,
+    /// `null` for a job that never ran (as every field nothing is known of).
+    pub source: Option<String>,
+    pub replica: Option<String>,
     pub interval_seconds: Option<u64>,
     pub last_pass: Option<PassRecord>,
     /// RFC 3339 UTC time of the next pass (daemon only).
     pub next_pass: Option<String>,
     /// The reason of the last refused pass, until a pass succeeds.
     pub refused_reason: Option<String>,
-    pub updated: String,
+    /// When this status was written, RFC 3339 UTC; `null` for a job that never ran.
+    pub updated: Option<String>,
+}
+
+impl JobStatus {
+    /// Nothing was ever recorded for this job (no status file, no daemon).
+    pub fn never_ran(&self) -> bool {
+        !self.running && self.updated.is_none() && self.last_pass.is_none()
+    }
 }
 
 pub fn path(state_dir: &Path, name: &str) -> PathBuf {
