@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cancel;
 use crate::error::{PathChanged, Side};
-use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, Stamp, Token, Xattrs};
+use crate::model::{Hash, HashCounters, Kind, LinkKey, Meta, RelPath, Stamp, Token, Xattrs};
 
 /// Read in chunks of this size: large enough for disk speed, small enough that a cancelled
 /// pass stops within milliseconds and that the per-thread buffer stays small.
@@ -505,6 +505,8 @@ pub fn from_stat(st: &rustix::fs::Stat) -> (Meta, Token) {
             sec: st.st_atime as i64,
             nsec: st.st_atime_nsec as i64,
         },
+        link: (Kind::of_mode(st.st_mode) == Kind::File && st.st_nlink as u64 > 1)
+            .then_some(LinkKey(st.st_dev as u64, st.st_ino as u64)),
     };
     let token = Token {
         dev: st.st_dev,

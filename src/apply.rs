@@ -95,6 +95,7 @@ pub fn describe(action: &Action) -> (&'static str, String) {
         Op::Copy { reason, size, .. } => (reason.word(), format!(" size={size}")),
         Op::Link(l) => ("LINK", format!(" -> {}", show(&l.target))),
         Op::Meta { .. } | Op::DirMeta { .. } => ("META", String::new()),
+        Op::HardLink { to, .. } => ("LINK", format!(" => {to}")),
     }
 }
 
@@ -111,11 +112,13 @@ impl Applier<'_> {
         let mut mkdirs = Vec::new();
         let mut work = Vec::new();
         let mut dir_metas = Vec::new();
+        let mut hard_links = Vec::new();
         for a in &plan.actions {
             match a.op {
                 Op::Delete { .. } => deletes.push(a),
                 Op::Mkdir => mkdirs.push(a),
                 Op::DirMeta { .. } => dir_metas.push(a),
+                Op::HardLink { .. } => hard_links.push(a),
                 _ => work.push(a),
             }
         }
@@ -147,6 +150,9 @@ impl Applier<'_> {
             );
             done = done.merge(part);
         }
+        // Hard links once every file is in place (a group's first name may be copied in any
+        // chunk).
+        done = done.merge(run(&hard_links));
         dir_metas.sort_by_key(|a| std::cmp::Reverse(a.rel.depth()));
         for a in dir_metas {
             done = done.merge(self.one(a));
@@ -243,6 +249,24 @@ impl Applier<'_> {
                         return Applied::problem(EntryError::ChangedInReplica { rel: rel.clone() })
                     }
                     Err(e) => return Applied::problem(EntryError::write(WriteOp::Meta, rel, e)),
+                }
+            }
+            Op::HardLink { to, overwrites } => {
+                if *overwrites && self.backup.is_some() {
+                    if let Err(e) = self.replica.backup(rel, true) {
+                        return Applied::problem(EntryError::write(WriteOp::Backup, rel, e));
+                    }
+                    self.backup_line(rel);
+                }
+                match self.replica.hard_link(rel, to) {
+                    Ok(()) => {
+                        journal::action(word, rel, format_args!("{detail}"));
+                        out.counts.hard_links += 1;
+                        if !overwrites {
+                            out.counts.created += 1;
+                        }
+                    }
+                    Err(e) => return Applied::problem(EntryError::write(WriteOp::Link, rel, e)),
                 }
             }
             Op::DirMeta { meta } => {

@@ -90,6 +90,9 @@ pub struct SyncArgs {
     /// empty directory, one in the replica is left alone.
     #[arg(long, short = 'x')]
     pub one_file_system: bool,
+    /// Do not mirror hard links: each name of a file becomes a file of its own.
+    #[arg(long)]
+    pub no_hard_links: bool,
     /// Do not mirror extended attributes (so neither ACLs nor file capabilities).
     #[arg(long)]
     pub no_xattrs: bool,

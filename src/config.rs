@@ -95,6 +95,8 @@ pub struct Config {
     pub xattrs: bool,
     /// `-x, --one-file-system`: do not cross mount points on either side.
     pub one_file_system: bool,
+    /// Mirror hard links (default; `--no-hard-links`).
+    pub hard_links: bool,
     pub verbosity: Verbosity,
     /// `--interval` (daemon only).
     pub interval: Option<Duration>,
@@ -253,6 +255,7 @@ impl Config {
             threads,
             xattrs: !args.no_xattrs,
             one_file_system: args.one_file_system,
+            hard_links: !args.no_hard_links,
             verbosity,
             interval,
         })

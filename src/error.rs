@@ -188,6 +188,7 @@ pub enum WriteOp {
     Delete,
     Mkdir,
     Symlink,
+    Link,
     Meta,
     Backup,
 }
@@ -302,6 +303,9 @@ impl fmt::Display for EntryError {
                     ),
                     WriteOp::Symlink => {
                         write!(f, "could not create symlink '{rel}' in the replica: {why}")
+                    }
+                    WriteOp::Link => {
+                        write!(f, "could not make hard link '{rel}' in the replica: {why}")
                     }
                     WriteOp::Meta => {
                         write!(f, "could not set metadata of '{rel}' in the replica: {why}")

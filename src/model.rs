@@ -218,7 +218,14 @@ pub struct Meta {
     pub size: u64,
     pub mtime: Stamp,
     pub atime: Stamp,
+    /// A regular file with more than one name: its identity on its side (device, inode),
+    /// shared by every name of the inode. `None` for a file with one name.
+    pub link: Option<LinkKey>,
 }
+
+/// The identity of a file with several names (hard links) on one side: device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LinkKey(pub u64, pub u64);
 
 impl Meta {
     pub fn of(meta: &Metadata) -> Meta {
@@ -236,6 +243,7 @@ impl Meta {
                 sec: meta.atime(),
                 nsec: meta.atime_nsec(),
             },
+            link: (meta.is_file() && meta.nlink() > 1).then(|| LinkKey(meta.dev(), meta.ino())),
         }
     }
 }
@@ -302,6 +310,8 @@ pub struct Counts {
     pub deleted: u64,
     pub meta: u64,
     pub links: u64,
+    /// Names made hard links to their group's first name.
+    pub hard_links: u64,
     pub dirs_created: u64,
     pub bytes_copied: u64,
     pub hashed_files: u64,
@@ -318,6 +328,7 @@ impl std::ops::AddAssign for Counts {
         self.deleted += o.deleted;
         self.meta += o.meta;
         self.links += o.links;
+        self.hard_links += o.hard_links;
         self.dirs_created += o.dirs_created;
         self.bytes_copied += o.bytes_copied;
         self.hashed_files += o.hashed_files;

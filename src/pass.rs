@@ -142,6 +142,7 @@ impl<'a> Pass<'a> {
             backup: self.backup_dir(),
             xattrs: cfg.xattrs,
             one_file_system: cfg.one_file_system,
+            hard_links: cfg.hard_links,
         };
         let replica = replica::open(&cfg.replica, opts).map_err(|e| {
             format!(
@@ -182,8 +183,10 @@ impl<'a> Pass<'a> {
             excludes: &self.cfg.excludes,
             recall: &snapshot,
             one_fs_dev: self.cfg.one_file_system.then_some(trees.src_dev),
+            hard_links: trees.replica.capabilities().hard_links,
         };
-        let scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
+        let mut scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
+        scanned.relinked = scanned.plan.resolve_links();
         let c = &mut self.record.counts;
         c.hashed_files = counters.files.load(std::sync::atomic::Ordering::Relaxed);
         c.hashed_bytes = counters.bytes.load(std::sync::atomic::Ordering::Relaxed);
@@ -289,7 +292,7 @@ impl<'a> Pass<'a> {
         let mut outcome = self.conclude_record();
         let key = (self.started_ns / 1_000_000) as u64;
         let json = serde_json::to_string(&outcome.record).unwrap_or_default();
-        if let Err(e) = cache.finish(drafts, &done.dropped, key, &json) {
+        if let Err(e) = cache.finish(drafts, &done.dropped, &scanned.relinked, key, &json) {
             log::warn!("could not update the hash cache: {e}; the next pass hashes again");
         }
         outcome.record.duration_ms = self.t0.elapsed().as_millis() as u64;
@@ -343,7 +346,7 @@ fn summary(o: Outcome) -> Outcome {
     let r = &o.record;
     let c = &r.counts;
     journal::schedule(format_args!(
-        "PASS END {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, meta {}, links {}, dirs {}, \
+        "PASS END {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, meta {}, links {}, hard links {}, dirs {}, \
          copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}",
         r.result,
         r.duration_ms as f64 / 1000.0,
@@ -353,6 +356,7 @@ fn summary(o: Outcome) -> Outcome {
         c.deleted,
         c.meta,
         c.links,
+        c.hard_links,
         c.dirs_created,
         c.bytes_copied,
         c.hashed_files,

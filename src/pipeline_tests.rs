@@ -71,6 +71,7 @@ impl Harness {
             excludes: &excludes,
             recall: &self.memory,
             one_fs_dev: None,
+            hard_links: false,
         };
         let src_root = SourceTree::root(&self.src).expect("root");
         let rep_root = Replica::root(&self.rep).expect("root");

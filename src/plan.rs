@@ -2,10 +2,11 @@
 //! deletion guard needs, and the cache records to rewrite. Pure data and pure checks, no I/O:
 //! the scan builds a `Plan`, `guard` decides whether it may run, `apply` executes it.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use crate::error::EntryError;
-use crate::model::{Hint, Kind, Meta, RelPath, Version};
+use crate::model::{Hint, Kind, LinkKey, Meta, RelPath, Version};
 
 /// Why a file is copied; also the word written to the file-I/O log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +55,31 @@ pub enum Op {
     },
     /// Set a directory's mode, owner and times, after everything below it.
     DirMeta { meta: Box<Meta> },
+    /// Make this name a hard link to `to` (the first name of its source link group), after
+    /// every file was copied. `overwrites`: a replica entry is replaced (backed up first).
+    HardLink { to: Box<RelPath>, overwrites: bool },
+}
+
+/// A source file with several names, as the scan met it.
+#[derive(Clone, Debug)]
+pub struct SrcLink {
+    pub key: LinkKey,
+    pub rel: RelPath,
+    pub size: u64,
+    /// The replica twin's link identity, when it is a file with several names.
+    pub rep: Option<LinkKey>,
+    /// A replica entry exists at this name.
+    pub rep_exists: bool,
+}
+
+/// A replica file with several names whose source twin is a file, as the scan met it.
+#[derive(Clone, Debug)]
+pub struct RepLink {
+    pub key: LinkKey,
+    pub rel: RelPath,
+    /// The source twin's link identity, `None` for a file with one name.
+    pub src: Option<LinkKey>,
+    pub size: u64,
 }
 
 /// A symlink to create: boxed in `Op` because links are rare and `Op` is held per change.
@@ -86,6 +112,10 @@ pub struct Plan {
     pub deletes: u64,
     /// Special files (fifos, sockets, devices) skipped.
     pub specials: u64,
+    /// Source files with several names (`resolve_links` turns them into hard links).
+    pub src_links: Vec<SrcLink>,
+    /// Replica files with several names (to break links the source no longer has).
+    pub rep_links: Vec<RepLink>,
 }
 
 impl Plan {
@@ -97,12 +127,142 @@ impl Plan {
         self.creates += other.creates;
         self.deletes += other.deletes;
         self.specials += other.specials;
+        self.src_links.extend(other.src_links);
+        self.rep_links.extend(other.rep_links);
         self
+    }
+
+    /// Turns the scan's per-name decisions into hard links (rsync's `-H`), after the scan,
+    /// when every name of every group is known however the directories were walked:
+    ///
+    /// 1. A replica inode shared by names whose sources are not one link group (a name left
+    ///    its group, or never was in it) is broken up: each name that does not belong is
+    ///    copied afresh (a new inode), unless it is linked to its own group below anyway.
+    /// 2. In each source group, the first name (by path) is the leader: it keeps its own
+    ///    decision (copy, fix or nothing). Every other name drops its copy or fix and, unless
+    ///    it already shares the leader's replica inode and the leader is not re-copied, is
+    ///    linked to the leader after the copies.
+    ///
+    /// Returns the names whose replica inode changes by a link, leaders included: their cache
+    /// entries are forgotten (the next pass hashes them once) because a link changes the
+    /// inode's ctime, so their recorded versions would look like drift.
+    pub fn resolve_links(&mut self) -> Vec<RelPath> {
+        if self.src_links.is_empty() && self.rep_links.is_empty() {
+            return Vec::new();
+        }
+        let mut groups: BTreeMap<LinkKey, Vec<SrcLink>> = BTreeMap::new();
+        for l in std::mem::take(&mut self.src_links) {
+            groups.entry(l.key).or_default().push(l);
+        }
+        groups.retain(|_, g| g.len() > 1);
+        for g in groups.values_mut() {
+            g.sort_by(|a, b| a.rel.cmp(&b.rel));
+        }
+        // Which group each linked name belongs to, and whether it leads it.
+        let mut member: HashMap<RelPath, (LinkKey, bool)> = HashMap::new();
+        for (key, g) in &groups {
+            for (i, l) in g.iter().enumerate() {
+                member.insert(l.rel.clone(), (*key, i == 0));
+            }
+        }
+        // 1. Replica inodes shared by names that do not belong together.
+        let mut rep_groups: BTreeMap<LinkKey, Vec<RepLink>> = BTreeMap::new();
+        for l in std::mem::take(&mut self.rep_links) {
+            rep_groups.entry(l.key).or_default().push(l);
+        }
+        let mut force_copy: BTreeMap<RelPath, u64> = BTreeMap::new();
+        for mut names in rep_groups.into_values().filter(|g| g.len() > 1) {
+            names.sort_by(|a, b| a.rel.cmp(&b.rel));
+            let group_of = |l: &RepLink| member.get(&l.rel).map(|m| m.0);
+            let owner = names.iter().find_map(group_of);
+            for (i, l) in names.iter().enumerate() {
+                // No name is linked in the source any more: the first keeps the inode.
+                let belongs = match owner {
+                    Some(_) => group_of(l) == owner,
+                    None => i == 0,
+                };
+                let linked_anyway = member.get(&l.rel).is_some_and(|m| !m.1);
+                if !belongs && !linked_anyway {
+                    force_copy.insert(l.rel.clone(), l.size);
+                }
+            }
+        }
+        // 2. Source groups.
+        let copied: HashSet<RelPath> = self
+            .actions
+            .iter()
+            .filter(|a| matches!(a.op, Op::Copy { .. }))
+            .map(|a| a.rel.clone())
+            .chain(force_copy.keys().cloned())
+            .collect();
+        let mut replaced: HashSet<RelPath> = HashSet::new();
+        let mut links = Vec::new();
+        let mut touched = Vec::new();
+        for g in groups.values() {
+            let leader = &g[0];
+            let leader_copied = copied.contains(&leader.rel);
+            let mut any = false;
+            for m in &g[1..] {
+                replaced.insert(m.rel.clone());
+                force_copy.remove(&m.rel);
+                let already = !leader_copied && m.rep.is_some() && m.rep == leader.rep;
+                if !already {
+                    any = true;
+                    links.push(Action {
+                        rel: m.rel.clone(),
+                        op: Op::HardLink {
+                            to: Box::new(leader.rel.clone()),
+                            overwrites: m.rep_exists,
+                        },
+                    });
+                }
+            }
+            if any {
+                touched.extend(g.iter().map(|l| l.rel.clone()));
+            }
+        }
+        self.actions.retain(|a| {
+            !(replaced.contains(&a.rel) && matches!(a.op, Op::Copy { .. } | Op::Meta { .. }))
+        });
+        for a in &mut self.actions {
+            if let (Op::Meta { meta, .. }, Some(size)) = (&a.op, force_copy.get(&a.rel)) {
+                if meta.kind == Kind::File {
+                    a.op = copy_op(*size);
+                    force_copy.remove(&a.rel);
+                }
+            }
+        }
+        let has_copy: HashSet<RelPath> = self
+            .actions
+            .iter()
+            .filter(|a| matches!(a.op, Op::Copy { .. }))
+            .map(|a| a.rel.clone())
+            .collect();
+        for (rel, size) in force_copy {
+            if !has_copy.contains(&rel) {
+                self.actions.push(Action {
+                    rel,
+                    op: copy_op(size),
+                });
+            }
+        }
+        self.actions.extend(links);
+        touched
     }
 
     /// True when the plan changes nothing in the replica.
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty() && self.stale_temps.is_empty()
+    }
+}
+
+/// A copy that replaces a replica file (to give it an inode of its own).
+fn copy_op(size: u64) -> Op {
+    Op::Copy {
+        reason: Reason::Update,
+        size,
+        hint: None,
+        overwrites: true,
     }
 }
 
@@ -184,6 +344,122 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes())
+    }
+
+    fn src(key: u64, name: &str, rep: Option<u64>, exists: bool) -> SrcLink {
+        SrcLink {
+            key: LinkKey(1, key),
+            rel: rel(name),
+            size: 10,
+            rep: rep.map(|r| LinkKey(2, r)),
+            rep_exists: exists,
+        }
+    }
+
+    fn rep(key: u64, name: &str, src: Option<u64>) -> RepLink {
+        RepLink {
+            key: LinkKey(2, key),
+            rel: rel(name),
+            src: src.map(|s| LinkKey(1, s)),
+            size: 10,
+        }
+    }
+
+    fn copy(name: &str) -> Action {
+        Action {
+            rel: rel(name),
+            op: copy_op(10),
+        }
+    }
+
+    /// The plan's actions as `WORD path[ => leader]`, sorted.
+    fn lines(p: &Plan) -> Vec<String> {
+        let mut v: Vec<String> = p
+            .actions
+            .iter()
+            .map(|a| match &a.op {
+                Op::Copy { .. } => format!("COPY {}", a.rel),
+                Op::Meta { .. } => format!("META {}", a.rel),
+                Op::HardLink { to, .. } => format!("LINK {} => {to}", a.rel),
+                other => format!("{other:?} {}", a.rel),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_new_group_is_one_copy_and_links_across_directories() {
+        let mut p = Plan {
+            actions: vec![copy("x/a"), copy("y/b"), copy("z/c")],
+            src_links: vec![
+                src(7, "z/c", None, false),
+                src(7, "x/a", None, false),
+                src(7, "y/b", None, false),
+            ],
+            ..Plan::default()
+        };
+        let touched = p.resolve_links();
+        assert_eq!(
+            lines(&p),
+            ["COPY x/a", "LINK y/b => x/a", "LINK z/c => x/a"]
+        );
+        assert_eq!(touched.len(), 3);
+    }
+
+    #[test]
+    fn an_intact_group_needs_nothing_and_a_recopied_leader_is_linked_again() {
+        let intact = || vec![src(7, "a", Some(9), true), src(7, "b", Some(9), true)];
+        let mut p = Plan {
+            src_links: intact(),
+            rep_links: vec![rep(9, "a", Some(7)), rep(9, "b", Some(7))],
+            ..Plan::default()
+        };
+        assert!(p.resolve_links().is_empty());
+        assert!(lines(&p).is_empty());
+        let mut p = Plan {
+            actions: vec![copy("a"), copy("b")],
+            src_links: intact(),
+            rep_links: vec![rep(9, "a", Some(7)), rep(9, "b", Some(7))],
+            ..Plan::default()
+        };
+        p.resolve_links();
+        assert_eq!(lines(&p), ["COPY a", "LINK b => a"]);
+    }
+
+    #[test]
+    fn a_name_that_left_its_group_gets_an_inode_of_its_own_and_one_that_joined_is_linked() {
+        // Source: a and c are linked, b is a file of its own now. Replica: a, b, c share 9.
+        let mut p = Plan {
+            src_links: vec![src(7, "a", Some(9), true), src(7, "c", Some(9), true)],
+            rep_links: vec![
+                rep(9, "a", Some(7)),
+                rep(9, "b", None),
+                rep(9, "c", Some(7)),
+            ],
+            ..Plan::default()
+        };
+        p.resolve_links();
+        assert_eq!(lines(&p), ["COPY b"]);
+        // Source: d joined the group of a; the replica has d as a separate file.
+        let mut p = Plan {
+            src_links: vec![src(7, "a", Some(9), true), src(7, "d", None, true)],
+            rep_links: vec![rep(9, "a", Some(7))],
+            ..Plan::default()
+        };
+        p.resolve_links();
+        assert_eq!(lines(&p), ["LINK d => a"]);
+        // No name is linked in the source any more: the first keeps the replica inode.
+        let mut p = Plan {
+            rep_links: vec![rep(9, "a", None), rep(9, "b", None)],
+            ..Plan::default()
+        };
+        p.resolve_links();
+        assert_eq!(lines(&p), ["COPY b"]);
+    }
 
     fn plan(have: u64, del: u64, add: u64) -> Plan {
         Plan {

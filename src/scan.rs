@@ -18,7 +18,7 @@ use crate::compare::{Compare, FileVerdict};
 use crate::config::Excludes;
 use crate::error::{EntryError, MountPoint, Side};
 use crate::model::{is_temp_name, Entry, Kind, Meta, RelPath};
-use crate::plan::{Action, LinkSpec, Op, Plan, Reason};
+use crate::plan::{Action, LinkSpec, Op, Plan, Reason, RepLink, SrcLink};
 use crate::state::cache::{CachedFile, Delta, DirRecord, Recall};
 
 /// Everything a scan reads; shared by all scan threads.
@@ -30,6 +30,8 @@ pub struct Ctx<'a> {
     /// `--one-file-system`: the source root's device; a source directory on another one is
     /// a mount point, mirrored as an empty directory, never walked.
     pub one_fs_dev: Option<u64>,
+    /// Mirror hard links: files with several names are noted for `Plan::resolve_links`.
+    pub hard_links: bool,
 }
 
 /// How a directory's cache record must change after the pass, as far as the scan knows:
@@ -47,6 +49,9 @@ pub struct Draft {
 pub struct Scanned {
     pub plan: Plan,
     pub drafts: Vec<Draft>,
+    /// Names whose replica inode a hard link changes (see `Plan::resolve_links`): their
+    /// cache entries are forgotten once the pass is durable.
+    pub relinked: Vec<RelPath>,
 }
 
 impl Scanned {
@@ -259,7 +264,10 @@ fn decide(
     match (src, rep) {
         (None, None) => {}
         (None, Some(r)) => delete(ctx, &rel, &r.meta, &mut c),
-        (Some(s), None) => create(ctx, &rel, &s.meta, is_mount(ctx, &s), &mut c),
+        (Some(s), None) => {
+            note_links(ctx, &rel, &s.meta, None, &mut c);
+            create(ctx, &rel, &s.meta, is_mount(ctx, &s), &mut c)
+        }
         (Some(s), Some(r)) => {
             c.plan.plan.replica_entries += 1;
             let (sk, rk) = (s.meta.kind, r.meta.kind);
@@ -289,6 +297,7 @@ fn decide(
                     }
                     Kind::Symlink => symlinks(ctx, &rel, &s.meta, &r.meta, &mut c),
                     Kind::File => {
+                        note_links(ctx, &rel, &s.meta, Some(&r.meta), &mut c);
                         let cached = record.find(name.as_bytes());
                         match ctx.compare.file(&rel, &name, &s, &r, cached) {
                             FileVerdict::Copy { reason, hint } => {
@@ -332,6 +341,32 @@ fn decide(
 fn skip_special(rel: &RelPath, c: &mut Child) {
     log::warn!("skipping '{rel}': fifos, sockets and devices are not mirrored");
     c.plan.plan.specials += 1;
+}
+
+/// Notes a source file with several names, and a replica file with several names, for
+/// `Plan::resolve_links` (which needs every name of a group, from whatever directory).
+fn note_links(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: Option<&Meta>, c: &mut Child) {
+    if !ctx.hard_links || src.kind != Kind::File {
+        return;
+    }
+    let rep_link = rep.filter(|r| r.kind == Kind::File).and_then(|r| r.link);
+    if let Some(key) = src.link {
+        c.plan.plan.src_links.push(SrcLink {
+            key,
+            rel: rel.clone(),
+            size: src.size,
+            rep: rep_link,
+            rep_exists: rep.is_some(),
+        });
+    }
+    if let Some(key) = rep_link {
+        c.plan.plan.rep_links.push(RepLink {
+            key,
+            rel: rel.clone(),
+            src: src.link,
+            size: src.size,
+        });
+    }
 }
 
 /// A source directory on another filesystem than the root's, with `--one-file-system`.

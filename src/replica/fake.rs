@@ -68,6 +68,7 @@ pub fn meta(kind: Kind, perm: u32, mtime: i64, size: u64) -> Meta {
             sec: mtime,
             nsec: 0,
         },
+        link: None,
     }
 }
 
@@ -454,6 +455,17 @@ impl Replica for Fake {
         let mut st = self.state.lock().expect("fake lock");
         st.nodes
             .retain(|k, _| k != rel && !k.as_path().starts_with(rel.as_path()));
+        Ok(())
+    }
+
+    fn hard_link(&self, rel: &RelPath, to: &RelPath) -> io::Result<()> {
+        let n = self.node(to)?;
+        self.call("hard_link", rel);
+        self.state
+            .lock()
+            .expect("fake lock")
+            .nodes
+            .insert(rel.clone(), n);
         Ok(())
     }
 

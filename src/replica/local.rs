@@ -113,7 +113,7 @@ pub fn capabilities(owner: bool) -> Capabilities {
         mtime_ns: Some(1),
         symlinks: true,
         empty_dirs: true,
-        hard_links: false,
+        hard_links: true,
         xattrs: true,
         holes: true,
         atomic_rename: true,
@@ -133,6 +133,7 @@ impl LocalReplica {
         let root = nix::unistd::geteuid().is_root();
         let mut caps = capabilities(root);
         caps.xattrs = opts.xattrs;
+        caps.hard_links = opts.hard_links;
         if let (true, Some(a)) = (opts.xattrs, &anchor) {
             // A filesystem without extended attributes answers ENOTSUP for any name; one
             // that has them, ENODATA for a name nobody set.
@@ -193,6 +194,7 @@ impl LocalReplica {
             backup: None,
             xattrs: true,
             one_file_system: false,
+            hard_links: true,
         };
         let mut r = LocalReplica::open(path, opts)?;
         r.anchor = Some(Anchor::open(path, Side::Replica, resolver, false)?);
@@ -672,6 +674,35 @@ impl Replica for LocalReplica {
         }
     }
 
+    fn hard_link(&self, rel: &RelPath, to: &RelPath) -> io::Result<()> {
+        let anchor = self.anchor()?;
+        let (from_dir, from_name) = anchor.parent(to)?;
+        let (dir, name) = anchor.parent(rel)?;
+        let tmp = loop {
+            let tmp = temp_name();
+            // No AT_SYMLINK_FOLLOW: a symlink swapped in for the leader is linked itself.
+            match rustix::fs::linkat(
+                &from_dir,
+                from_name,
+                &dir,
+                tmp.as_os_str(),
+                AtFlags::empty(),
+            ) {
+                Ok(()) => break tmp,
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let result = rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, name);
+        // A rename onto another name of the same inode does nothing and leaves the temp.
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_os_str(), AtFlags::empty());
+        result?;
+        if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            self.note_dev(st.st_dev, dir.as_fd());
+        }
+        Ok(())
+    }
+
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
         let anchor = self.anchor()?;
         let (a, an) = anchor.parent(from)?;
@@ -790,6 +821,7 @@ mod tests {
             size: 0,
             mtime: Stamp { sec: 1, nsec: 0 },
             atime: Stamp { sec: 1, nsec: 0 },
+            link: None,
         }
     }
 

@@ -168,6 +168,9 @@ pub trait Replica: Send + Sync {
         expect: Option<&Version>,
     ) -> io::Result<Option<Version>>;
 
+    /// Makes `rel` another name of the file `to`, atomically replacing what `rel` was.
+    fn hard_link(&self, rel: &RelPath, to: &RelPath) -> io::Result<()>;
+
     /// Removes an entry; a directory with everything below it.
     fn remove(&self, rel: &RelPath, kind: Kind) -> io::Result<()>;
 
@@ -206,6 +209,8 @@ pub struct Options {
     /// `--one-file-system`: a directory on another filesystem than the root's is not
     /// listed (a `MountPoint` error), so nothing below it is changed.
     pub one_file_system: bool,
+    /// Mirror hard links (`--no-hard-links` turns it off).
+    pub hard_links: bool,
 }
 
 /// Opens the replica at `path` for one pass.

@@ -247,12 +247,14 @@ impl Cache {
         txn.commit().map_err(db_err)
     }
 
-    /// Ends a pass: writes the remaining drafts, drops the records of deleted trees and
-    /// stores the pass summary, in one durable transaction.
+    /// Ends a pass: writes the remaining drafts, drops the records of deleted trees and of
+    /// the `forget` files (relinked: their versions changed) and stores the pass summary, in
+    /// one durable transaction.
     pub fn finish(
         &self,
         drafts: HashMap<RelPath, Delta>,
         dropped_trees: &[RelPath],
+        forget: &[RelPath],
         pass_key: u64,
         pass_json: &str,
     ) -> Result<(), String> {
@@ -276,6 +278,21 @@ impl Cache {
             for (dir, delta) in drafts {
                 let mut files = stored(&dirs, &dir)?;
                 delta.apply(&mut files);
+                put(&mut dirs, &dir, files)?;
+            }
+            let mut by_dir: BTreeMap<RelPath, Vec<Vec<u8>>> = BTreeMap::new();
+            for rel in forget {
+                if let (Some(dir), Some(name)) = (rel.parent(), rel.file_name()) {
+                    use std::os::unix::ffi::OsStrExt;
+                    by_dir
+                        .entry(dir)
+                        .or_default()
+                        .push(name.as_bytes().to_vec());
+                }
+            }
+            for (dir, names) in by_dir {
+                let mut files = stored(&dirs, &dir)?;
+                files.retain(|f| !names.contains(&f.name));
                 put(&mut dirs, &dir, files)?;
             }
             let mut passes = txn.open_table(PASSES).map_err(db_err)?;

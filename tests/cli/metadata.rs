@@ -318,3 +318,132 @@ fn a_mount_point_in_the_replica_is_never_descended_into_or_deleted_through() {
         b"someone else's filesystem"
     );
 }
+
+/// `rsync -anicH --delete`: nothing to itemize, hard-link structure included.
+fn assert_rsync_h_agrees(src: &Path, rep: &Path) {
+    let out = std::process::Command::new("rsync")
+        .args(["-anicH", "--delete"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("{}/", rep.display()))
+        .output()
+        .expect("rsync");
+    assert!(out.status.success(), "rsync failed: {}", text(&out));
+    let diff = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(diff.is_empty(), "rsync -anicH sees differences:\n{diff}");
+}
+
+fn inode(p: &Path) -> u64 {
+    fs::symlink_metadata(p).expect("lstat").ino()
+}
+
+/// Every name of `names` is one inode in the replica.
+fn assert_one_inode(rep: &Path, names: &[&str]) {
+    let inodes: Vec<u64> = names.iter().map(|n| inode(&rep.join(n))).collect();
+    assert!(
+        inodes.windows(2).all(|w| w[0] == w[1]),
+        "{names:?} are not one inode in the replica: {inodes:?}"
+    );
+}
+
+#[test]
+fn hard_link_groups_are_mirrored_and_membership_changes_follow() {
+    let env = Env::new();
+    let s = &env.src;
+    write(&s.join("d1/pair-a"), b"a pair in one directory");
+    fs::hard_link(s.join("d1/pair-a"), s.join("d1/pair-b")).expect("ln");
+    write(&s.join("t1/x"), b"a triple across directories");
+    for n in ["t2/y", "t3/z"] {
+        fs::create_dir_all(s.join(n).parent().expect("parent")).expect("mkdir");
+        fs::hard_link(s.join("t1/x"), s.join(n)).expect("ln");
+    }
+    write(&s.join("bin/tool"), b"#!/bin/sh\necho tool\n");
+    chmod(&s.join("bin/tool"), 0o755);
+    fs::hard_link(s.join("bin/tool"), s.join("bin/tool-alias")).expect("ln");
+    write(&s.join("plain.txt"), b"one name");
+
+    env.mirror_ok(&[]);
+    assert_rsync_h_agrees(s, &env.rep);
+    assert_one_inode(&env.rep, &["d1/pair-a", "d1/pair-b"]);
+    assert_one_inode(&env.rep, &["t1/x", "t2/y", "t3/z"]);
+    assert_one_inode(&env.rep, &["bin/tool", "bin/tool-alias"]);
+    assert_eq!(
+        fs::metadata(env.rep.join("t1/x")).expect("stat").nlink(),
+        3,
+        "the triple's inode has exactly its three names"
+    );
+
+    // A name joins a group, one leaves it (replaced by a copy of its own), one content
+    // change in a group.
+    fs::create_dir_all(s.join("d2")).expect("mkdir");
+    fs::hard_link(s.join("d1/pair-a"), s.join("d2/pair-c")).expect("ln");
+    fs::copy(s.join("t1/x"), s.join("t2/y.new")).expect("cp");
+    fs::rename(s.join("t2/y.new"), s.join("t2/y")).expect("mv");
+    write(&s.join("bin/tool"), b"#!/bin/sh\necho tool v2\n");
+    env.mirror_ok(&[]);
+    assert_rsync_h_agrees(s, &env.rep);
+    assert_one_inode(&env.rep, &["d1/pair-a", "d1/pair-b", "d2/pair-c"]);
+    assert_one_inode(&env.rep, &["t1/x", "t3/z"]);
+    assert_ne!(inode(&env.rep.join("t2/y")), inode(&env.rep.join("t1/x")));
+    assert_one_inode(&env.rep, &["bin/tool", "bin/tool-alias"]);
+    assert_eq!(
+        fs::read(env.rep.join("bin/tool-alias")).expect("read"),
+        b"#!/bin/sh\necho tool v2\n"
+    );
+
+    // Settled: once past the racy window and one pass later, an idle pass reads nothing.
+    std::thread::sleep(Duration::from_millis(3100));
+    env.mirror_ok(&[]);
+    let before = env.io_log();
+    env.mirror_ok(&[]);
+    assert_eq!(hashed(&env).0, 0, "the idle pass read file content");
+    assert_eq!(
+        env.io_log()[before.len()..].lines().count(),
+        0,
+        "the idle pass changed something"
+    );
+    assert_rsync_h_agrees(s, &env.rep);
+
+    // --no-hard-links: every name a file of its own.
+    let other = env.path("rep-no-links");
+    let out = syncer()
+        .arg("monoshot")
+        .arg("--source")
+        .arg(s)
+        .arg("--replica")
+        .arg(&other)
+        .arg("--state-dir")
+        .arg(&env.state)
+        .args(["--name", "nolinks", "--no-hard-links"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_ne!(
+        inode(&other.join("d1/pair-a")),
+        inode(&other.join("d1/pair-b"))
+    );
+}
+
+#[test]
+fn a_mirror_of_usr_bin_is_clean_under_rsync_hax() {
+    // Debian hard-links some names in /usr/bin, and some binaries carry setuid bits or
+    // file capabilities.
+    let env = Env::new();
+    let out = syncer()
+        .arg("monoshot")
+        .args(["--source", "/usr/bin", "--replica"])
+        .arg(&env.rep)
+        .arg("--state-dir")
+        .arg(&env.state)
+        .arg("-q")
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let out = std::process::Command::new("rsync")
+        .args(["-anicHAX", "--delete", "/usr/bin/"])
+        .arg(format!("{}/", env.rep.display()))
+        .output()
+        .expect("rsync");
+    assert!(out.status.success(), "rsync failed: {}", text(&out));
+    let diff = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(diff.is_empty(), "rsync -anicHAX sees differences:\n{diff}");
+}
