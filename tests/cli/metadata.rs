@@ -447,3 +447,52 @@ fn a_mirror_of_usr_bin_is_clean_under_rsync_hax() {
     let diff = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(diff.is_empty(), "rsync -anicHAX sees differences:\n{diff}");
 }
+
+#[test]
+fn a_replica_filesystem_without_xattrs_gets_one_warning_and_the_content() {
+    // ramfs keeps no extended attributes at all.
+    let env = Env::new();
+    for i in 0..3 {
+        let f = env.src.join(format!("f{i}.txt"));
+        write(&f, b"content");
+        run("setfattr", &["-n", "user.tag", "-v", "v"], &f);
+    }
+    fs::create_dir_all(&env.rep).expect("mkdir");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&env.rep)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount -t ramfs failed (tests run as root)");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&env.rep);
+    for pass in 0..2 {
+        let out = env.monoshot(&[]);
+        assert_eq!(code(&out), 0, "pass {pass}: {}", text(&out));
+        let warnings = stderr(&out)
+            .lines()
+            .filter(|l| l.contains("without extended attributes"))
+            .count();
+        assert_eq!(
+            warnings,
+            1,
+            "pass {pass}: one warning per pass:\n{}",
+            text(&out)
+        );
+        assert!(stderr(&out).contains(&env.rep.display().to_string()));
+        if pass == 1 {
+            // Attributes the replica cannot keep are no difference: nothing to fix.
+            let said = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                !said.contains(" META f") && !said.contains("UPDATE"),
+                "{said}"
+            );
+        }
+    }
+    assert_trees_equal(&env.src, &env.rep);
+}
