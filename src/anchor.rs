@@ -291,8 +291,18 @@ impl Anchor {
         match kind {
             Kind::File => read_xattrs(&self.open_file(rel)?.file),
             Kind::Dir => read_xattrs(self.open_dir(rel)?),
-            _ => Ok(Xattrs::default()),
+            Kind::Symlink => read_xattrs_at(XTarget::Link(self.open_link(rel)?.as_fd())),
+            Kind::Special => Ok(Xattrs::default()),
         }
+    }
+
+    /// An `O_PATH` handle on the symlink `rel` itself (checked to be one).
+    pub fn open_link(&self, rel: &RelPath) -> io::Result<OwnedFd> {
+        let (dir, name) = self.parent(rel)?;
+        link_handle(dir.as_fd(), name).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => self.changed(rel.clone(), Kind::Symlink),
+            _ => e,
+        })
     }
 
     /// The target of the symlink `rel`, never following it.
@@ -358,23 +368,79 @@ thread_local! {
     static XBUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 << 10]);
 }
 
-/// The extended attributes of an open file or directory, sorted by name. A filesystem
-/// without them has none; an attribute removed meanwhile is left out.
+/// Where extended attributes are read and written: an open file or directory, or a symlink
+/// through an `O_PATH` handle on the link itself. A symlink's own attributes are reached as
+/// `/proc/self/fd/N` (the kernel resolves that magic link to the link, never to its target),
+/// the way libselinux does, since `fgetxattr` refuses `O_PATH` descriptors and the
+/// `*xattrat` calls are only in Linux 6.13 and later.
+#[derive(Clone, Copy)]
+pub enum XTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    Link(BorrowedFd<'a>),
+}
+
+impl XTarget<'_> {
+    fn proc_path(fd: BorrowedFd<'_>) -> String {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", fd.as_raw_fd())
+    }
+
+    fn list(self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XTarget::Fd(fd) => rustix::fs::flistxattr(fd, buf),
+            XTarget::Link(fd) => rustix::fs::listxattr(Self::proc_path(fd), buf),
+        }
+    }
+
+    fn get(self, name: &[u8], buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XTarget::Fd(fd) => rustix::fs::fgetxattr(fd, name, buf),
+            XTarget::Link(fd) => rustix::fs::getxattr(Self::proc_path(fd), name, buf),
+        }
+    }
+
+    fn set(self, name: &[u8], value: &[u8]) -> rustix::io::Result<()> {
+        let flags = rustix::fs::XattrFlags::empty();
+        match self {
+            XTarget::Fd(fd) => rustix::fs::fsetxattr(fd, name, value, flags),
+            XTarget::Link(fd) => rustix::fs::setxattr(Self::proc_path(fd), name, value, flags),
+        }
+    }
+
+    fn remove(self, name: &[u8]) -> rustix::io::Result<()> {
+        match self {
+            XTarget::Fd(fd) => rustix::fs::fremovexattr(fd, name),
+            XTarget::Link(fd) => rustix::fs::removexattr(Self::proc_path(fd), name),
+        }
+    }
+}
+
+/// The extended attributes of an open file or directory, sorted by name.
 pub fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
+    read_xattrs_at(XTarget::Fd(fd.as_fd()))
+}
+
+/// The extended attributes of a target, sorted by name. A filesystem without them has
+/// none (so has a symlink when `/proc` is not mounted); an attribute removed meanwhile is
+/// left out.
+pub fn read_xattrs_at(target: XTarget<'_>) -> io::Result<Xattrs> {
     XBUF.with(|buf| {
         let mut buf = buf.borrow_mut();
-        let names: Vec<Vec<u8>> = match rustix::fs::flistxattr(&fd, &mut buf[..]) {
+        let names: Vec<Vec<u8>> = match target.list(&mut buf[..]) {
             Ok(n) => buf[..n]
                 .split(|b| *b == 0)
                 .filter(|n| !n.is_empty())
                 .map(<[u8]>::to_vec)
                 .collect(),
             Err(rustix::io::Errno::NOTSUP) => return Ok(Xattrs::default()),
+            Err(rustix::io::Errno::NOENT) if matches!(target, XTarget::Link(_)) => {
+                return Ok(Xattrs::default())
+            }
             Err(e) => return Err(e.into()),
         };
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            match rustix::fs::fgetxattr(&fd, name.as_slice(), &mut buf[..]) {
+            match target.get(&name, &mut buf[..]) {
                 Ok(n) => out.push((name, buf[..n].to_vec())),
                 Err(rustix::io::Errno::NODATA) => continue,
                 Err(e) => return Err(e.into()),
@@ -385,26 +451,26 @@ pub fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
     })
 }
 
-/// Makes the attributes of an open file or directory `want`, given that it has `have`
-/// (both already limited to what this process may set): sets what is new or different,
-/// removes what `want` lacks. `security.selinux` is never removed: the system labels new
-/// files itself. A filesystem that cannot keep one attribute (an ACL on a filesystem mounted
-/// `noacl`) skips it, and it is returned, for one warning per pass.
-pub fn write_xattrs(fd: impl AsFd, want: &Xattrs, have: &Xattrs) -> io::Result<Vec<Vec<u8>>> {
+/// Makes the attributes of a target `want`, given that it has `have` (both already limited
+/// to what this process may set): sets what is new or different, removes what `want` lacks.
+/// `security.selinux` is never removed: the system labels new files itself. An attribute the
+/// filesystem cannot keep (an ACL on a filesystem mounted `noacl`, `user.*` on a symlink) is
+/// skipped and returned, for one warning per pass.
+pub fn write_xattrs(target: XTarget<'_>, want: &Xattrs, have: &Xattrs) -> io::Result<Vec<Vec<u8>>> {
     let mut refused = Vec::new();
     for (name, value) in &want.0 {
         if have.get(name) == Some(value.as_slice()) {
             continue;
         }
-        match rustix::fs::fsetxattr(&fd, name.as_slice(), value, rustix::fs::XattrFlags::empty()) {
+        match target.set(name, value) {
             Ok(()) => {}
-            Err(rustix::io::Errno::NOTSUP) => refused.push(name.clone()),
+            Err(rustix::io::Errno::NOTSUP | rustix::io::Errno::PERM) => refused.push(name.clone()),
             Err(e) => return Err(e.into()),
         }
     }
     for (name, _) in &have.0 {
         if want.get(name).is_none() && name.as_slice() != b"security.selinux" {
-            match rustix::fs::fremovexattr(&fd, name.as_slice()) {
+            match target.remove(name) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -423,6 +489,20 @@ pub fn hash_zeros(hasher: &mut Sha256, mut n: u64) {
         hasher.update(&ZEROS[..k]);
         n -= k as u64;
     }
+}
+
+/// An `O_PATH` handle on the symlink `name` in `dir`; `InvalidData` when it is not one.
+pub fn link_handle(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    if Kind::of_mode(rustix::fs::fstat(&fd)?.st_mode) != Kind::Symlink {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    Ok(fd)
 }
 
 /// `fd`'s directory opened again (`.`) with `flags`: a readable descriptor from an `O_PATH`

@@ -219,7 +219,11 @@ impl Applier<'_> {
                     bar.inc(*size);
                 }
             }
-            Op::Link(l) => match self.replica.symlink(rel, &l.target, &l.meta) {
+            Op::Link(l) => match self.source_xattrs(rel, Kind::Symlink).and_then(|x| {
+                self.replica
+                    .symlink(rel, &l.target, &l.meta, x.as_ref())
+                    .map_err(|e| EntryError::write(WriteOp::Symlink, rel, e))
+            }) {
                 Ok(()) => {
                     journal::action(word, rel, format_args!("{detail}"));
                     out.counts.links += 1;
@@ -227,7 +231,7 @@ impl Applier<'_> {
                         out.counts.created += 1;
                     }
                 }
-                Err(e) => return Applied::problem(EntryError::write(WriteOp::Symlink, rel, e)),
+                Err(e) => return Applied::problem(e),
             },
             Op::Meta { meta, rep } => {
                 let xattrs = match self.source_xattrs(rel, meta.kind) {
@@ -284,10 +288,10 @@ impl Applier<'_> {
         out
     }
 
-    /// The source's extended attributes of a file or directory, read now, when they are
-    /// mirrored (`None`: they are not; a symlink has none here).
+    /// The source's extended attributes of a file, directory or symlink, read now, when
+    /// they are mirrored (`None`: they are not).
     fn source_xattrs(&self, rel: &RelPath, kind: Kind) -> Result<Option<Xattrs>, EntryError> {
-        if !self.xattrs || !matches!(kind, Kind::File | Kind::Dir) {
+        if !self.xattrs || kind == Kind::Special {
             return Ok(None);
         }
         match self.source.xattrs(rel, kind) {

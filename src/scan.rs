@@ -517,7 +517,13 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
                 meta: *src,
             })),
         });
-    } else if cx.caps.meta_differs(src, rep) {
+    } else if cx.caps.meta_differs(src, rep)
+        || (cx.caps.xattrs
+            && cx.xattrs_differ(rel, Kind::Symlink).unwrap_or_else(|e| {
+                plan.problems.push(e);
+                false
+            }))
+    {
         plan.actions.push(Action {
             rel: rel.clone(),
             op: Op::Meta {

@@ -414,7 +414,13 @@ impl Replica for Fake {
         Ok(())
     }
 
-    fn symlink(&self, rel: &RelPath, target: &Path, meta: &Meta) -> io::Result<()> {
+    fn symlink(
+        &self,
+        rel: &RelPath,
+        target: &Path,
+        meta: &Meta,
+        _xattrs: Option<&Xattrs>,
+    ) -> io::Result<()> {
         self.parent_is_dir(rel)?;
         self.call("symlink", rel);
         let kept = self.kept(*meta);

@@ -21,7 +21,7 @@ use std::sync::{Mutex, OnceLock};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags, Timespec, Timestamps};
 
 use super::{Capabilities, Content, CopyError, Installed, Options, Replica, Sink};
-use crate::anchor::{self, Anchor, Resolver};
+use crate::anchor::{self, Anchor, Resolver, XTarget};
 use crate::error::{MountPoint, PathChanged, Side};
 use crate::model::{
     show, Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
@@ -165,13 +165,13 @@ impl LocalReplica {
 
     /// Makes the open entry's attributes `want` (limited to what may be set), warning once
     /// per pass about what the filesystem refuses.
-    fn sync_xattrs(&self, fd: BorrowedFd<'_>, want: &Xattrs) -> io::Result<()> {
+    fn sync_xattrs(&self, target: XTarget<'_>, want: &Xattrs) -> io::Result<()> {
         let want = want.clone().settable(self.root);
-        let have = anchor::read_xattrs(fd)?.settable(self.root);
+        let have = anchor::read_xattrs_at(target)?.settable(self.root);
         if want == have {
             return Ok(());
         }
-        let refused = anchor::write_xattrs(fd, &want, &have)?;
+        let refused = anchor::write_xattrs(target, &want, &have)?;
         if !refused.is_empty() && !self.warned_xattr.swap(true, Ordering::Relaxed) {
             let names: Vec<String> = refused
                 .iter()
@@ -234,7 +234,7 @@ impl LocalReplica {
         }
         rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.perm))?;
         if let (Some(x), true) = (xattrs, self.caps.xattrs) {
-            self.sync_xattrs(fd, x)?;
+            self.sync_xattrs(XTarget::Fd(fd), x)?;
         }
         rustix::fs::futimens(fd, &timestamps(meta))?;
         Ok(())
@@ -251,6 +251,7 @@ impl LocalReplica {
         name: &OsStr,
         rel: &RelPath,
         meta: &Meta,
+        xattrs: Option<&Xattrs>,
         expect: Option<&Version>,
     ) -> io::Result<Option<Version>> {
         let fd = rustix::fs::openat(
@@ -274,6 +275,9 @@ impl LocalReplica {
         if self.caps.owner {
             let (u, g) = ids(meta);
             rustix::fs::chownat(&fd, "", u, g, AtFlags::EMPTY_PATH)?;
+        }
+        if let (Some(x), true) = (xattrs, self.caps.xattrs) {
+            self.sync_xattrs(XTarget::Link(fd.as_fd()), x)?;
         }
         rustix::fs::utimensat(&fd, "", &timestamps(meta), AtFlags::EMPTY_PATH)?;
         Ok(Some(anchor::token_of(&fd)?.to_version()))
@@ -578,7 +582,13 @@ impl Replica for LocalReplica {
         Ok(())
     }
 
-    fn symlink(&self, rel: &RelPath, target: &Path, meta: &Meta) -> io::Result<()> {
+    fn symlink(
+        &self,
+        rel: &RelPath,
+        target: &Path,
+        meta: &Meta,
+        xattrs: Option<&Xattrs>,
+    ) -> io::Result<()> {
         let (dir, name) = self.anchor()?.parent(rel)?;
         let tmp = loop {
             let tmp = temp_name();
@@ -589,7 +599,7 @@ impl Replica for LocalReplica {
             }
         };
         let finish = || -> io::Result<()> {
-            self.link_meta(dir.as_fd(), &tmp, rel, meta, None)?;
+            self.link_meta(dir.as_fd(), &tmp, rel, meta, xattrs, None)?;
             rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, name)?;
             Ok(())
         };
@@ -608,7 +618,7 @@ impl Replica for LocalReplica {
         let anchor = self.anchor()?;
         if meta.kind == Kind::Symlink {
             let (dir, name) = anchor.parent(rel)?;
-            return self.link_meta(dir.as_fd(), name, rel, meta, expect);
+            return self.link_meta(dir.as_fd(), name, rel, meta, xattrs, expect);
         }
         let mut flags = OFlags::RDONLY | OFlags::NONBLOCK;
         if meta.kind == Kind::Dir {
@@ -869,7 +879,7 @@ mod tests {
                 );
                 assert_changed(r.remove(&rel("u/d/f"), Kind::File), "remove below");
                 assert_changed(
-                    r.symlink(&rel("u/d/l"), Path::new("x"), &link_meta),
+                    r.symlink(&rel("u/d/l"), Path::new("x"), &link_meta, None),
                     "symlink",
                 );
                 assert_changed(r.rename(&rel("u/x"), &rel("u/d/y")), "rename into it");
@@ -891,7 +901,7 @@ mod tests {
             kind: Kind::Symlink,
             ..dir_meta()
         };
-        r.symlink(&rel("l"), Path::new("target"), &meta)
+        r.symlink(&rel("l"), Path::new("target"), &meta, None)
             .expect("symlink");
         // The link's owner replaces it with a hard link to a file it may not own.
         std::fs::remove_file(root.join("l")).expect("rm");

@@ -154,8 +154,15 @@ pub trait Replica: Send + Sync {
     /// Makes a directory (private until `set_meta` gives it its mode, after its children).
     fn mkdir(&self, rel: &RelPath) -> io::Result<()>;
 
-    /// Creates or replaces a symlink atomically, with the owner and times of `meta`.
-    fn symlink(&self, rel: &RelPath, target: &Path, meta: &Meta) -> io::Result<()>;
+    /// Creates or replaces a symlink atomically, with the owner and times of `meta` and,
+    /// given, the link's own extended attributes.
+    fn symlink(
+        &self,
+        rel: &RelPath,
+        target: &Path,
+        meta: &Meta,
+        xattrs: Option<&Xattrs>,
+    ) -> io::Result<()>;
 
     /// Sets the metadata of an existing entry (and, given, its extended attributes) and
     /// returns its new version. With `expect`, an entry whose version is no longer that is

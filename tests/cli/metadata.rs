@@ -496,3 +496,33 @@ fn a_replica_filesystem_without_xattrs_gets_one_warning_and_the_content() {
     }
     assert_trees_equal(&env.src, &env.rep);
 }
+
+#[test]
+fn a_symlinks_own_attributes_are_mirrored_where_the_filesystem_allows() {
+    // Linux allows no user.* attribute on a symlink; trusted.* (as root) it does.
+    let env = Env::new();
+    write(&env.src.join("target.txt"), b"t");
+    let link = env.src.join("link");
+    std::os::unix::fs::symlink("target.txt", &link).expect("ln -s");
+    run(
+        "setfattr",
+        &["-h", "-n", "trusted.label", "-v", "0x0a0b"],
+        &link,
+    );
+    env.mirror_ok(&[]);
+    let rep_link = env.rep.join("link");
+    assert_eq!(xattr_dump(&link), xattr_dump(&rep_link));
+    assert!(xattr_dump(&rep_link).contains("trusted.label=0x0a0b"));
+    // A change to them alone is a metadata fix of the link, its target untouched.
+    run(
+        "setfattr",
+        &["-h", "-n", "trusted.label", "-v", "0x0c"],
+        &link,
+    );
+    let before = env.io_log();
+    env.mirror_ok(&[]);
+    let log = env.io_log()[before.len()..].to_string();
+    assert!(log.contains(" META link"), "{log}");
+    assert!(xattr_dump(&rep_link).contains("trusted.label=0x0c"));
+    assert!(xattr_dump(&env.rep.join("target.txt")).is_empty());
+}
