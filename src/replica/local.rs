@@ -254,21 +254,16 @@ impl LocalReplica {
         xattrs: Option<&Xattrs>,
         expect: Option<&Version>,
     ) -> io::Result<Option<Version>> {
-        let fd = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let (found, token) = anchor::from_stat(&rustix::fs::fstat(&fd)?);
-        if found.kind != Kind::Symlink {
-            return Err(PathChanged {
+        let fd = anchor::link_handle(dir, name).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => PathChanged {
                 side: Side::Replica,
                 component: rel.clone(),
                 expected: Kind::Symlink,
             }
-            .into_io());
-        }
+            .into_io(),
+            _ => e,
+        })?;
+        let token = anchor::token_of(&fd)?;
         if expect.is_some_and(|v| *v != token.to_version()) {
             return Ok(None);
         }

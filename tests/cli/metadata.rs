@@ -143,17 +143,21 @@ fn xattr_dump(path: &Path) -> String {
         .join("\n")
 }
 
-/// `rsync -anicAX --delete`: nothing to itemize, ACLs and xattrs included.
-fn assert_rsync_ax_agrees(src: &Path, rep: &Path) {
+/// `rsync -ani<flags> --delete SRC/ REP/` itemizes nothing (`c`: checksums; `A`, `X`, `H`:
+/// ACLs, xattrs, hard-link structure).
+fn assert_rsync_agrees_with(flags: &str, src: &Path, rep: &Path) {
     let out = std::process::Command::new("rsync")
-        .args(["-anicAX", "--delete"])
+        .args([&format!("-ani{flags}"), "--delete"])
         .arg(format!("{}/", src.display()))
         .arg(format!("{}/", rep.display()))
         .output()
         .expect("rsync");
     assert!(out.status.success(), "rsync failed: {}", text(&out));
     let diff = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(diff.is_empty(), "rsync -anicAX sees differences:\n{diff}");
+    assert!(
+        diff.is_empty(),
+        "rsync -ani{flags} sees differences:\n{diff}"
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -196,7 +200,7 @@ fn xattrs_acls_and_file_capabilities_are_mirrored_and_a_change_is_only_a_fix() {
     run("setcap", &["cap_net_raw+ep"], &ping);
 
     env.mirror_ok(&[]);
-    assert_rsync_ax_agrees(&env.src, &env.rep);
+    assert_rsync_agrees_with("cAX", &env.src, &env.rep);
     for p in [&file, &dir, &ping] {
         let rel = p.strip_prefix(&env.src).expect("below src");
         let (a, b) = (xattr_dump(p), xattr_dump(&env.rep.join(rel)));
@@ -216,7 +220,7 @@ fn xattrs_acls_and_file_capabilities_are_mirrored_and_a_change_is_only_a_fix() {
     run("setfattr", &["-n", "user.new", "-v", "fresh"], &dir);
     run("setfacl", &["-m", "u:nobody:r"], &file);
     env.mirror_ok(&[]);
-    assert_rsync_ax_agrees(&env.src, &env.rep);
+    assert_rsync_agrees_with("cAX", &env.src, &env.rep);
     let log = env.io_log()[before.len()..].to_string();
     assert!(log.contains(" META data/notes.txt"), "{log}");
     assert!(log.contains(" META data/shared"), "{log}");
@@ -236,7 +240,7 @@ fn xattrs_acls_and_file_capabilities_are_mirrored_and_a_change_is_only_a_fix() {
         0,
         "the idle pass changed something"
     );
-    assert_rsync_ax_agrees(&env.src, &env.rep);
+    assert_rsync_agrees_with("cAX", &env.src, &env.rep);
 }
 
 #[test]
@@ -319,19 +323,6 @@ fn a_mount_point_in_the_replica_is_never_descended_into_or_deleted_through() {
     );
 }
 
-/// `rsync -anicH --delete`: nothing to itemize, hard-link structure included.
-fn assert_rsync_h_agrees(src: &Path, rep: &Path) {
-    let out = std::process::Command::new("rsync")
-        .args(["-anicH", "--delete"])
-        .arg(format!("{}/", src.display()))
-        .arg(format!("{}/", rep.display()))
-        .output()
-        .expect("rsync");
-    assert!(out.status.success(), "rsync failed: {}", text(&out));
-    let diff = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(diff.is_empty(), "rsync -anicH sees differences:\n{diff}");
-}
-
 fn inode(p: &Path) -> u64 {
     fs::symlink_metadata(p).expect("lstat").ino()
 }
@@ -362,7 +353,7 @@ fn hard_link_groups_are_mirrored_and_membership_changes_follow() {
     write(&s.join("plain.txt"), b"one name");
 
     env.mirror_ok(&[]);
-    assert_rsync_h_agrees(s, &env.rep);
+    assert_rsync_agrees_with("cH", s, &env.rep);
     assert_one_inode(&env.rep, &["d1/pair-a", "d1/pair-b"]);
     assert_one_inode(&env.rep, &["t1/x", "t2/y", "t3/z"]);
     assert_one_inode(&env.rep, &["bin/tool", "bin/tool-alias"]);
@@ -380,7 +371,7 @@ fn hard_link_groups_are_mirrored_and_membership_changes_follow() {
     fs::rename(s.join("t2/y.new"), s.join("t2/y")).expect("mv");
     write(&s.join("bin/tool"), b"#!/bin/sh\necho tool v2\n");
     env.mirror_ok(&[]);
-    assert_rsync_h_agrees(s, &env.rep);
+    assert_rsync_agrees_with("cH", s, &env.rep);
     assert_one_inode(&env.rep, &["d1/pair-a", "d1/pair-b", "d2/pair-c"]);
     assert_one_inode(&env.rep, &["t1/x", "t3/z"]);
     assert_ne!(inode(&env.rep.join("t2/y")), inode(&env.rep.join("t1/x")));
@@ -401,7 +392,7 @@ fn hard_link_groups_are_mirrored_and_membership_changes_follow() {
         0,
         "the idle pass changed something"
     );
-    assert_rsync_h_agrees(s, &env.rep);
+    assert_rsync_agrees_with("cH", s, &env.rep);
 
     // --no-hard-links: every name a file of its own.
     let other = env.path("rep-no-links");
@@ -438,14 +429,7 @@ fn a_mirror_of_usr_bin_is_clean_under_rsync_hax() {
         .output()
         .expect("run");
     assert_eq!(code(&out), 0, "{}", text(&out));
-    let out = std::process::Command::new("rsync")
-        .args(["-anicHAX", "--delete", "/usr/bin/"])
-        .arg(format!("{}/", env.rep.display()))
-        .output()
-        .expect("rsync");
-    assert!(out.status.success(), "rsync failed: {}", text(&out));
-    let diff = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(diff.is_empty(), "rsync -anicHAX sees differences:\n{diff}");
+    assert_rsync_agrees_with("cHAX", Path::new("/usr/bin"), &env.rep);
 }
 
 #[test]
