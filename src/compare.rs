@@ -114,6 +114,7 @@ impl Compare<'_> {
         };
         let entry = CachedFile {
             name: name.as_bytes().to_vec(),
+            kind: Kind::File,
             src: src_token,
             rep: rep_version,
             hash: src_hash,

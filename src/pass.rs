@@ -401,6 +401,7 @@ fn group_by_dir(
         };
         out.entry(dir).or_default().written.push(CachedFile {
             name: name.as_bytes().to_vec(),
+            kind: crate::model::Kind::File,
             src: w.src,
             rep: w.rep,
             hash: w.hash,

@@ -113,6 +113,7 @@ impl Harness {
                 files.retain(|f| f.name != name);
                 files.push(CachedFile {
                     name,
+                    kind: Kind::File,
                     src: w.src,
                     rep: w.rep,
                     hash: w.hash,

@@ -52,6 +52,9 @@ pub struct Scanned {
     /// Names whose replica inode a hard link changes (see `Plan::resolve_links`): their
     /// cache entries are forgotten once the pass is durable.
     pub relinked: Vec<RelPath>,
+    /// The walked directory's extended attributes were found in sync (for its parent's
+    /// cache record).
+    pub dir_xattrs_in_sync: bool,
 }
 
 impl Scanned {
@@ -65,7 +68,7 @@ impl Scanned {
 /// Scans both trees from their roots. `src_root` is the source root's metadata; `rep_root`
 /// the replica root's, if it exists.
 pub fn scan(ctx: &Ctx, src_root: &Meta, rep_root: Option<&Meta>) -> Scanned {
-    walk(ctx, &RelPath::root(), Some(src_root), rep_root)
+    walk(ctx, &RelPath::root(), Some(src_root), rep_root, false)
 }
 
 /// What one name contributes to its directory.
@@ -81,7 +84,15 @@ struct Child {
 
 /// Walks one directory pair. `src` is `None` for a replica directory whose source is gone
 /// but which holds excluded entries (only its non-excluded entries are deleted).
-fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Scanned {
+/// `xattrs_known`: the parent's cache record says this directory's extended attributes were
+/// in sync at the versions both sides have now (so they are not read).
+fn walk(
+    ctx: &Ctx,
+    rel: &RelPath,
+    src: Option<&Meta>,
+    rep: Option<&Meta>,
+    xattrs_known: bool,
+) -> Scanned {
     let mut out = Scanned::default();
     if cancel::requested() {
         return out;
@@ -161,8 +172,7 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Sca
         }
         rep_kept.push(e);
     }
-    let has_file_pairs = src_entries.iter().any(|e| e.meta.kind == Kind::File);
-    let record = if has_file_pairs && !rep_kept.is_empty() {
+    let record = if !src_entries.is_empty() && !rep_kept.is_empty() {
         ctx.recall.dir(rel).unwrap_or_default()
     } else {
         DirRecord::default()
@@ -191,10 +201,12 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Sca
         }
     }
     if let Some(src) = src {
-        // Directory attributes are compared at every pass (directories are few; files are
-        // compared through the cache, see `compare`).
+        // Directory attributes are read unless the parent's record vouches for them (an
+        // attribute change changes a directory's ctime, as a file's).
         let mut xattrs_differ = || {
             cx.caps.xattrs
+                && rep.is_some()
+                && !xattrs_known
                 && match cx.xattrs_differ(rel, Kind::Dir) {
                     Ok(d) => d,
                     Err(e) => {
@@ -203,7 +215,9 @@ fn walk(ctx: &Ctx, rel: &RelPath, src: Option<&Meta>, rep: Option<&Meta>) -> Sca
                     }
                 }
         };
-        if touched || rep.is_none_or(|r| cx.caps.meta_differs(src, r)) || xattrs_differ() {
+        let differs = xattrs_differ();
+        out.dir_xattrs_in_sync = cx.caps.xattrs && !differs;
+        if touched || rep.is_none_or(|r| cx.caps.meta_differs(src, r)) || differs {
             out.plan.actions.push(Action {
                 rel: rel.clone(),
                 op: Op::DirMeta {
@@ -292,13 +306,24 @@ fn decide(
                         }
                     }
                     Kind::Dir => {
-                        let sub = walk(ctx, &rel, Some(&s.meta), Some(&r.meta));
+                        let known = vouched(ctx, record, &name, Kind::Dir, &s, &r);
+                        let sub = walk(ctx, &rel, Some(&s.meta), Some(&r.meta), known);
+                        if sub.dir_xattrs_in_sync {
+                            c.cached = Some(in_sync(ctx, &name, Kind::Dir, &s, &r));
+                        }
                         c.plan = std::mem::take(&mut c.plan).merge(sub);
                     }
-                    Kind::Symlink => symlinks(ctx, &rel, &s.meta, &r.meta, &mut c),
+                    Kind::Symlink => {
+                        let known = vouched(ctx, record, &name, Kind::Symlink, &s, &r);
+                        if symlinks(ctx, &rel, &s.meta, &r.meta, known, &mut c) {
+                            c.cached = Some(in_sync(ctx, &name, Kind::Symlink, &s, &r));
+                        }
+                    }
                     Kind::File => {
                         note_links(ctx, &rel, &s.meta, Some(&r.meta), &mut c);
-                        let cached = record.find(name.as_bytes());
+                        let cached = record
+                            .find(name.as_bytes())
+                            .filter(|c| c.kind == Kind::File);
                         match ctx.compare.file(&rel, &name, &s, &r, cached) {
                             FileVerdict::Copy { reason, hint } => {
                                 c.changed = true;
@@ -427,7 +452,7 @@ fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, mount: bool, c: &mut Child) {
                 });
                 return;
             }
-            let sub = walk(ctx, rel, Some(meta), None);
+            let sub = walk(ctx, rel, Some(meta), None, false);
             c.plan = std::mem::take(&mut c.plan).merge(sub);
         }
     }
@@ -442,7 +467,7 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
             // Excluded entries (and mount points) are never deleted: remove the rest, keep
             // the directory.
             c.plan.plan.replica_entries += 1;
-            let sub = walk(ctx, rel, None, Some(meta));
+            let sub = walk(ctx, rel, None, Some(meta), false);
             c.plan = std::mem::take(&mut c.plan).merge(sub);
             return;
         }
@@ -495,7 +520,51 @@ fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool) {
         .reduce(|| (0, false), |a, b| (a.0 + b.0, a.1 || b.1))
 }
 
-fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
+/// The record vouches that the attributes of the directory or symlink `name` were in sync
+/// at the versions both sides have now.
+fn vouched(
+    ctx: &Ctx,
+    record: &DirRecord,
+    name: &std::ffi::OsStr,
+    kind: Kind,
+    s: &crate::model::SrcEntry,
+    r: &crate::model::RepEntry,
+) -> bool {
+    ctx.compare.caps.xattrs
+        && !ctx.compare.checksum
+        && record.find(name.as_bytes()).is_some_and(|c| {
+            c.kind == kind && c.xattrs && !c.src_racy && c.src == s.version && c.rep == r.version
+        })
+}
+
+/// The record of a directory or symlink whose attributes are in sync.
+fn in_sync(
+    ctx: &Ctx,
+    name: &std::ffi::OsStr,
+    kind: Kind,
+    s: &crate::model::SrcEntry,
+    r: &crate::model::RepEntry,
+) -> CachedFile {
+    CachedFile {
+        name: name.as_bytes().to_vec(),
+        kind,
+        src: s.version,
+        rep: r.version.clone(),
+        hash: crate::model::Hash::default(),
+        src_racy: s.version.ctime_ns >= ctx.compare.racy_after_ns,
+        xattrs: true,
+    }
+}
+
+/// Plans what a symlink pair needs; true when its attributes are in sync (for the record).
+fn symlinks(
+    ctx: &Ctx,
+    rel: &RelPath,
+    src: &Meta,
+    rep: &Meta,
+    xattrs_known: bool,
+    c: &mut Child,
+) -> bool {
     let cx = &ctx.compare;
     let plan = &mut c.plan.plan;
     let target = match cx.source.read_link(rel) {
@@ -503,7 +572,7 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
         Err(e) => {
             plan.problems
                 .push(EntryError::read(Side::Source, Kind::Symlink, rel, e));
-            return;
+            return false;
         }
     };
     let same_target = cx.replica.read_link(rel).is_ok_and(|t| t == target);
@@ -517,13 +586,18 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
                 meta: *src,
             })),
         });
-    } else if cx.caps.meta_differs(src, rep)
-        || (cx.caps.xattrs
-            && cx.xattrs_differ(rel, Kind::Symlink).unwrap_or_else(|e| {
+        return false;
+    }
+    let xattrs_differ = cx.caps.xattrs
+        && !xattrs_known
+        && match cx.xattrs_differ(rel, Kind::Symlink) {
+            Ok(d) => d,
+            Err(e) => {
                 plan.problems.push(e);
-                false
-            }))
-    {
+                return false;
+            }
+        };
+    if xattrs_differ || cx.caps.meta_differs(src, rep) {
         plan.actions.push(Action {
             rel: rel.clone(),
             op: Op::Meta {
@@ -532,4 +606,5 @@ fn symlinks(ctx: &Ctx, rel: &RelPath, src: &Meta, rep: &Meta, c: &mut Child) {
             },
         });
     }
+    cx.caps.xattrs && !xattrs_differ
 }

@@ -18,14 +18,14 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{show, Hash, RelPath, Token, Version};
+use crate::model::{show, Hash, Kind, RelPath, Token, Version};
 
 const DIRS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dirs");
 const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
-const FORMAT: &[u8] = b"syncer-cache-3";
+const FORMAT: &[u8] = b"syncer-cache-4";
 
 /// How many pass summaries the database keeps.
 const KEEP_PASSES: u64 = 1000;
@@ -33,6 +33,9 @@ const KEEP_PASSES: u64 = 1000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedFile {
     pub name: Vec<u8>,
+    /// A regular file (token, version and hash). A directory or symlink entry only records
+    /// that its extended attributes were in sync at these versions (its hash is unused).
+    pub kind: Kind,
     /// The source file's stat token.
     pub src: Token,
     /// The replica's version of the file, stored as the replica reported it.
@@ -423,6 +426,7 @@ mod tests {
     fn f(name: &str, ino: u64) -> CachedFile {
         CachedFile {
             name: name.as_bytes().to_vec(),
+            kind: Kind::File,
             src: Token {
                 ino,
                 ..Token::default()
