@@ -323,6 +323,13 @@ impl Anchor {
     }
 }
 
+/// Whether this process runs as root (asked once: `geteuid` is a system call, and the
+/// attribute comparison asks per entry).
+pub fn running_as_root() -> bool {
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| nix::unistd::geteuid().is_root())
+}
+
 /// A regular file opened for reading.
 pub struct Opened {
     pub file: File,

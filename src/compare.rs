@@ -139,7 +139,6 @@ impl Compare<'_> {
             .replica
             .xattrs(rel, kind)
             .map_err(|e| EntryError::read(Side::Replica, kind, rel, e))?;
-        let root = nix::unistd::geteuid().is_root();
-        Ok(src.settable(root) != rep)
+        Ok(src.settable(crate::anchor::running_as_root()) != rep)
     }
 }

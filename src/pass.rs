@@ -388,7 +388,7 @@ fn progress_bar(plan: &Plan) -> ProgressBar {
 }
 
 /// Groups one chunk's written files and metadata fixes by directory, as cache entries.
-fn group_by_dir(
+pub(crate) fn group_by_dir(
     written: Vec<(RelPath, Written)>,
     fixed: Vec<Fixed>,
     racy_after_ns: i64,

@@ -106,28 +106,8 @@ impl Harness {
         }
         let racy_after = self.racy_after_ns;
         let applied = applier.apply(&scanned.plan, |written, fixed| {
-            use std::os::unix::ffi::OsStrExt;
-            for (rel, w) in written {
-                let files = mem.entry(rel.parent().expect("a file")).or_default();
-                let name = rel.file_name().expect("a file").as_bytes().to_vec();
-                files.retain(|f| f.name != name);
-                files.push(CachedFile {
-                    name,
-                    kind: Kind::File,
-                    src: w.src,
-                    rep: w.rep,
-                    hash: w.hash,
-                    src_racy: w.src.ctime_ns >= racy_after,
-                    xattrs: w.xattrs,
-                });
-            }
-            for (rel, version, xattrs) in fixed {
-                let files = mem.entry(rel.parent().expect("a file")).or_default();
-                let name = rel.file_name().expect("a file").as_bytes().to_vec();
-                if let Some(f) = files.iter_mut().find(|f| f.name == name) {
-                    f.rep = version;
-                    f.xattrs = xattrs;
-                }
+            for (dir, change) in crate::pass::group_by_dir(written, fixed, racy_after) {
+                change.apply(mem.entry(dir).or_default());
             }
         });
         Some(Run {

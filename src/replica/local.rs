@@ -130,7 +130,7 @@ impl LocalReplica {
             Err(e) if e.kind() == io::ErrorKind::NotFound && !opts.create => None,
             Err(e) => return Err(e),
         };
-        let root = nix::unistd::geteuid().is_root();
+        let root = anchor::running_as_root();
         let mut caps = capabilities(root);
         caps.xattrs = opts.xattrs;
         caps.hard_links = opts.hard_links;
@@ -468,7 +468,7 @@ fn copy_file_at(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &OsStr) -> io::R
 
 /// Gives a backup copy the original's owner (when root), mode and times.
 fn keep_meta(fd: BorrowedFd<'_>, meta: &Meta) -> io::Result<()> {
-    if nix::unistd::geteuid().is_root() {
+    if anchor::running_as_root() {
         let (u, g) = ids(meta);
         rustix::fs::fchown(fd, u, g)?;
     }
@@ -491,18 +491,15 @@ impl Replica for LocalReplica {
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>> {
         let anchor = self.anchor()?;
-        if self.one_file_system && !dir.is_root() {
-            let (_, token) = anchor::from_stat(&rustix::fs::fstat(anchor.open_dir(dir)?)?);
-            if token.dev != anchor.dev() {
-                return Err(MountPoint {
-                    side: Side::Replica,
-                    rel: dir.clone(),
-                }
-                .into_io());
+        let fd = anchor.open_dir(dir)?;
+        if self.one_file_system && rustix::fs::fstat(&fd)?.st_dev != anchor.dev() {
+            return Err(MountPoint {
+                side: Side::Replica,
+                rel: dir.clone(),
             }
+            .into_io());
         }
-        Ok(anchor
-            .list(dir)?
+        Ok(anchor::list_fd(fd)?
             .into_iter()
             .map(|(name, meta, token)| Entry {
                 name,

@@ -233,17 +233,7 @@ impl Cache {
                 if let Some(delta) = drafts.remove(&dir) {
                     delta.apply(&mut files);
                 }
-                Delta {
-                    upserts: change.written,
-                    removed: Vec::new(),
-                }
-                .apply(&mut files);
-                for (name, version, xattrs) in change.fixed {
-                    if let Some(f) = files.iter_mut().find(|f| f.name == name) {
-                        f.rep = version;
-                        f.xattrs = xattrs;
-                    }
-                }
+                change.apply(&mut files);
                 put(&mut dirs, &dir, files)?;
             }
         }
@@ -370,12 +360,30 @@ impl Delta {
 }
 
 /// What one applied chunk changed in one directory.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct DirChange {
     pub written: Vec<CachedFile>,
     /// (name, new replica version, extended attributes mirrored) of files whose metadata
     /// was fixed.
     pub fixed: Vec<(Vec<u8>, Version, bool)>,
+}
+
+impl DirChange {
+    /// Applies the chunk's changes to a directory's files: written files replace their
+    /// entries, fixed ones get their new replica version.
+    pub fn apply(self, files: &mut Vec<CachedFile>) {
+        Delta {
+            upserts: self.written,
+            removed: Vec::new(),
+        }
+        .apply(files);
+        for (name, version, xattrs) in self.fixed {
+            if let Some(f) = files.iter_mut().find(|f| f.name == name) {
+                f.rep = version;
+                f.xattrs = xattrs;
+            }
+        }
+    }
 }
 
 fn put(

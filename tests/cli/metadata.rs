@@ -143,6 +143,21 @@ fn xattr_dump(path: &Path) -> String {
         .join("\n")
 }
 
+/// Once the source is past the racy window and one pass later, an idle pass reads no file
+/// content and changes nothing.
+fn assert_settled_idle_pass_does_nothing(env: &Env) {
+    std::thread::sleep(Duration::from_millis(3100));
+    env.mirror_ok(&[]);
+    let before = env.io_log();
+    env.mirror_ok(&[]);
+    assert_eq!(hashed(env).0, 0, "the idle pass read file content");
+    assert_eq!(
+        env.io_log()[before.len()..].lines().count(),
+        0,
+        "the idle pass changed something"
+    );
+}
+
 /// `rsync -ani<flags> --delete SRC/ REP/` itemizes nothing (`c`: checksums; `A`, `X`, `H`:
 /// ACLs, xattrs, hard-link structure).
 fn assert_rsync_agrees_with(flags: &str, src: &Path, rep: &Path) {
@@ -230,16 +245,7 @@ fn xattrs_acls_and_file_capabilities_are_mirrored_and_a_change_is_only_a_fix() {
     );
 
     // Once the source is past the racy window, an idle pass reads nothing, changes nothing.
-    std::thread::sleep(Duration::from_millis(3100));
-    env.mirror_ok(&[]);
-    let before = env.io_log();
-    env.mirror_ok(&[]);
-    assert_eq!(hashed(&env).0, 0, "the idle pass read file content");
-    assert_eq!(
-        env.io_log()[before.len()..].lines().count(),
-        0,
-        "the idle pass changed something"
-    );
+    assert_settled_idle_pass_does_nothing(&env);
     assert_rsync_agrees_with("cAX", &env.src, &env.rep);
 }
 
@@ -382,16 +388,7 @@ fn hard_link_groups_are_mirrored_and_membership_changes_follow() {
     );
 
     // Settled: once past the racy window and one pass later, an idle pass reads nothing.
-    std::thread::sleep(Duration::from_millis(3100));
-    env.mirror_ok(&[]);
-    let before = env.io_log();
-    env.mirror_ok(&[]);
-    assert_eq!(hashed(&env).0, 0, "the idle pass read file content");
-    assert_eq!(
-        env.io_log()[before.len()..].lines().count(),
-        0,
-        "the idle pass changed something"
-    );
+    assert_settled_idle_pass_does_nothing(&env);
     assert_rsync_agrees_with("cH", s, &env.rep);
 
     // --no-hard-links: every name a file of its own.
