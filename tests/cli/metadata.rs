@@ -507,3 +507,88 @@ fn a_symlinks_own_attributes_are_mirrored_where_the_filesystem_allows() {
     assert!(xattr_dump(&rep_link).contains("trusted.label=0x0c"));
     assert!(xattr_dump(&env.rep.join("target.txt")).is_empty());
 }
+
+/// Issue 11's acceptance tree, all in one source: hard-link groups, xattrs of several sizes
+/// (binary values too) on a file and a directory, a file capability, access and default
+/// ACLs, and sparse files. One pass, then the listed mutations, then an idle pass.
+#[test]
+fn one_tree_with_everything_rsync_ahaxs_keeps_is_mirrored_and_kept_in_step() {
+    let env = Env::new();
+    let s = &env.src;
+    let mut rng = Rng::new(23);
+    // Hard links: a pair in one directory, a triple across directories, an executable.
+    write(&s.join("links/pair-a"), b"pair");
+    fs::hard_link(s.join("links/pair-a"), s.join("links/pair-b")).expect("ln");
+    write(&s.join("t1/x"), b"triple");
+    for n in ["t2/y", "t3/z"] {
+        fs::create_dir_all(s.join(n).parent().expect("parent")).expect("mkdir");
+        fs::hard_link(s.join("t1/x"), s.join(n)).expect("ln");
+    }
+    let ping = s.join("bin/ping-like");
+    fs::create_dir_all(s.join("bin")).expect("mkdir");
+    fs::copy("/bin/true", &ping).expect("copy /bin/true");
+    fs::hard_link(&ping, s.join("bin/ping-alias")).expect("ln");
+    run("setcap", &["cap_net_raw+ep"], &ping);
+    // Xattrs up to 3 KiB (ext4 keeps one 4 KiB block per inode for all of them), binary.
+    let file = s.join("attrs/file.txt");
+    let dir = s.join("attrs/dir");
+    write(&file, b"attributes");
+    fs::create_dir_all(&dir).expect("mkdir");
+    for (name, size) in [("user.a", 1usize), ("user.b", 700), ("user.c", 3000)] {
+        let value = hex(&rng.bytes(size));
+        run("setfattr", &["-n", name, "-v", &value], &file);
+        run("setfattr", &["-n", name, "-v", &value], &dir);
+    }
+    run("setfacl", &["-m", "u:nobody:rw"], &file);
+    run("setfacl", &["-d", "-m", "g:nogroup:rx"], &dir);
+    // Sparse: a 1 GiB image with three extents, a hole only, a trailing hole.
+    let image = s.join("vm/disk.img");
+    fs::create_dir_all(s.join("vm")).expect("mkdir");
+    for off in [0, 400 * MIB, 1000 * MIB] {
+        write_at(&image, 1 << 30, off, &rng.bytes(64 * 1024));
+    }
+    File::create(s.join("vm/hole.bin"))
+        .expect("create")
+        .set_len(64 * MIB)
+        .expect("set_len");
+    write_at(&s.join("vm/tail.bin"), 16 * MIB, 0, &rng.bytes(50_000));
+
+    let check = |env: &Env, flags: &str| {
+        assert_rsync_agrees_with(flags, &env.src, &env.rep);
+        assert_holes_kept(&env.src, &env.rep);
+        assert_eq!(
+            xattr_dump(&file),
+            xattr_dump(&env.rep.join("attrs/file.txt"))
+        );
+        assert_eq!(xattr_dump(&dir), xattr_dump(&env.rep.join("attrs/dir")));
+        let caps = std::process::Command::new("getcap")
+            .arg(env.rep.join("bin/ping-like"))
+            .output()
+            .expect("getcap");
+        assert!(text(&caps).contains("cap_net_raw"), "{}", text(&caps));
+    };
+    env.mirror_ok(&[]);
+    check(&env, "cHAXS");
+    assert_one_inode(&env.rep, &["links/pair-a", "links/pair-b"]);
+    assert_one_inode(&env.rep, &["t1/x", "t2/y", "t3/z"]);
+    assert_one_inode(&env.rep, &["bin/ping-like", "bin/ping-alias"]);
+
+    // A new link, a broken link, a changed and a removed xattr, a changed ACL, a new data
+    // extent in the image.
+    fs::hard_link(s.join("links/pair-a"), s.join("t1/pair-c")).expect("ln");
+    fs::copy(s.join("t1/x"), s.join("t2/y.new")).expect("cp");
+    fs::rename(s.join("t2/y.new"), s.join("t2/y")).expect("mv");
+    run("setfattr", &["-n", "user.b", "-v", "0x00ff"], &file);
+    run("setfattr", &["-x", "user.c"], &dir);
+    run("setfacl", &["-m", "u:nobody:r"], &file);
+    write_at(&image, 1 << 30, 700 * MIB, &rng.bytes(4096));
+    env.mirror_ok(&[]);
+    check(&env, "cHAXS");
+    assert_one_inode(&env.rep, &["links/pair-a", "links/pair-b", "t1/pair-c"]);
+    assert_one_inode(&env.rep, &["t1/x", "t3/z"]);
+    assert_ne!(inode(&env.rep.join("t2/y")), inode(&env.rep.join("t1/x")));
+
+    // The idle pass changed nothing (its log is empty): no need to re-read 2 GiB of holes.
+    assert_settled_idle_pass_does_nothing(&env);
+    check(&env, "HAXS");
+}
