@@ -52,9 +52,16 @@ pub struct SyncArgs {
     /// Directory to mirror from.
     #[arg(long, short = 's', value_name = "DIR")]
     pub source: PathBuf,
-    /// Directory to mirror into (created if missing).
-    #[arg(long, short = 'r', value_name = "DIR")]
+    /// Directory to mirror into (created if missing), or `s3://BUCKET/PREFIX`.
+    #[arg(long, short = 'r', value_name = "DIR|URL")]
     pub replica: PathBuf,
+    /// S3 endpoint URL for an s3:// replica [default: $AWS_ENDPOINT_URL, else AWS]; given,
+    /// path-style addressing is used.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: $AWS_REGION, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
     /// Job name: names the PID, status, cache and log files in the state directory.
     #[arg(long, default_value = "default")]
     pub name: String,

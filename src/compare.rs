@@ -89,6 +89,13 @@ impl Compare<'_> {
             Some(c) => (c.hash, c.rep.clone()),
             None => match self.replica.hash(rel, self.counters) {
                 Ok(v) => v,
+                // An object store's object that carries no hash: its content is unknown.
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    return FileVerdict::Copy {
+                        reason: changed,
+                        hint: Some(Hint::Known(src_token, src_hash)),
+                    }
+                }
                 Err(e) => {
                     return FileVerdict::Error(EntryError::read(Side::Replica, Kind::File, rel, e))
                 }
@@ -121,7 +128,14 @@ impl Compare<'_> {
             src_racy: src_token.ctime_ns >= self.racy_after_ns,
             xattrs: self.caps.xattrs && !xattrs_differ,
         };
-        if xattrs_differ || self.caps.meta_differs(&src.meta, &rep.meta) {
+        let meta_differs = self.caps.meta_differs(&src.meta, &rep.meta);
+        if meta_differs && !self.caps.meta_in_place {
+            // Metadata that only a new upload changes (an object store).
+            FileVerdict::Copy {
+                reason: Reason::Update,
+                hint: Some(Hint::Known(src_token, src_hash)),
+            }
+        } else if xattrs_differ || meta_differs {
             FileVerdict::Meta(entry)
         } else {
             FileVerdict::Same(entry)

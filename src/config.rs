@@ -100,6 +100,8 @@ pub struct Config {
     pub verbosity: Verbosity,
     /// `--interval` (daemon only).
     pub interval: Option<Duration>,
+    /// An `s3://` replica: where it is and how to reach it.
+    pub s3: Option<(crate::replica::s3::Target, crate::replica::s3::Endpoint)>,
 }
 
 /// Makes `p` absolute against `cwd` and removes `.` and `..` lexically.
@@ -183,7 +185,21 @@ impl Config {
             std::env::current_dir().map_err(|e| Error::io("read the working directory", ".", e))?;
         check_name(&args.name)?;
         let source = check_source(&absolute(&args.source, &cwd))?;
-        let replica = check_replica(&absolute(&args.replica, &cwd), &source)?;
+        let s3 = match crate::replica::s3::Target::parse(args.replica.as_os_str()) {
+            None => None,
+            Some(Err(e)) => return Err(Error::Usage(e)),
+            Some(Ok(t)) => Some((
+                t,
+                crate::replica::s3::Endpoint {
+                    endpoint: args.s3_endpoint.clone(),
+                    region: args.s3_region.clone(),
+                },
+            )),
+        };
+        let replica = match &s3 {
+            Some((t, _)) => PathBuf::from(t.url()),
+            None => check_replica(&absolute(&args.replica, &cwd), &source)?,
+        };
         let state_dir = state_dir(args.state_dir.as_deref(), &cwd);
         let in_state = |file: &str| state_dir.join(format!("{}.{file}", args.name));
         let io_log = args
@@ -216,6 +232,11 @@ impl Config {
         };
         let backup_dir = match &args.backup_dir {
             None => None,
+            Some(_) if s3.is_some() => {
+                return Err(Error::Usage(
+                    "--backup-dir is not supported with an s3:// replica yet".into(),
+                ))
+            }
             Some(p) => Some(check_backup(
                 &absolute(p, &cwd),
                 &source,
@@ -258,13 +279,16 @@ impl Config {
             hard_links: !args.no_hard_links,
             verbosity,
             interval,
+            s3,
         })
     }
 
     /// Re-checks the roots at the start of a pass (a daemon's source may vanish later).
     pub fn recheck_roots(&self) -> Result<()> {
         check_source(&self.source)?;
-        check_replica(&self.replica, &self.source)?;
+        if self.s3.is_none() {
+            check_replica(&self.replica, &self.source)?;
+        }
         Ok(())
     }
 }

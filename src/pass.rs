@@ -56,6 +56,8 @@ struct Pass<'a> {
     started: SystemTime,
     started_ns: i64,
     record: PassRecord,
+    /// An object-store replica's request counters, read when the pass ends.
+    requests: Option<std::sync::Arc<crate::replica::s3::Requests>>,
 }
 
 impl<'a> Pass<'a> {
@@ -74,6 +76,7 @@ impl<'a> Pass<'a> {
                 dry_run: cfg.dry_run,
                 ..PassRecord::default()
             },
+            requests: None,
         }
     }
 
@@ -117,7 +120,7 @@ impl<'a> Pass<'a> {
     }
 
     /// 1. Check the roots and open both trees. `Err` is the one-line reason (exit 2).
-    fn check(&self) -> Result<Trees, String> {
+    fn check(&mut self) -> Result<Trees, String> {
         let cfg = self.cfg;
         cfg.recheck_roots().map_err(|e| e.to_string())?;
         let source = LocalSource::open(&cfg.source).map_err(|e| {
@@ -143,6 +146,8 @@ impl<'a> Pass<'a> {
             xattrs: cfg.xattrs,
             one_file_system: cfg.one_file_system,
             hard_links: cfg.hard_links,
+            endpoint: cfg.s3.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
+            index: Some(cfg.state_dir.join(format!("{}.s3index.redb", cfg.name))),
         };
         let replica = replica::open(&cfg.replica, opts).map_err(|e| {
             format!(
@@ -151,6 +156,7 @@ impl<'a> Pass<'a> {
                 reason(&e)
             )
         })?;
+        self.requests = replica.requests();
         let rep_root = replica.root().map_err(|e| {
             format!(
                 "could not read replica '{}': {}",
@@ -334,6 +340,7 @@ impl<'a> Pass<'a> {
         self.record.duration_ms = self.t0.elapsed().as_millis() as u64;
         self.record.result = result.to_string();
         self.record.reason = why;
+        self.record.requests = self.requests.as_ref().map(|r| r.to_string());
         summary(Outcome {
             record: self.record,
             exit,
@@ -347,7 +354,7 @@ fn summary(o: Outcome) -> Outcome {
     let c = &r.counts;
     journal::schedule(format_args!(
         "PASS END {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, meta {}, links {}, hard links {}, dirs {}, \
-         copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}",
+         copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}{}",
         r.result,
         r.duration_ms as f64 / 1000.0,
         c.created,
@@ -363,6 +370,10 @@ fn summary(o: Outcome) -> Outcome {
         c.hashed_bytes,
         c.errors,
         c.skipped,
+        r.requests
+            .as_ref()
+            .map(|q| format!(", requests {q}"))
+            .unwrap_or_default(),
         r.reason.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
     ));
     o

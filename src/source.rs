@@ -379,6 +379,18 @@ impl Content for SourceFile {
         self.token
     }
 
+    fn known_hash(&self) -> Option<Hash> {
+        self.known
+    }
+
+    fn rewind(&mut self) -> io::Result<()> {
+        use std::io::Seek;
+        self.file.seek(io::SeekFrom::Start(0))?;
+        self.digest = None;
+        self.copied = 0;
+        Ok(())
+    }
+
     fn write_into(&mut self, out: Sink<'_>) -> Result<u64, CopyError> {
         let size = self.meta.size;
         let extents = if self.sparse {

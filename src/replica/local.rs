@@ -118,6 +118,7 @@ pub fn capabilities(owner: bool) -> Capabilities {
         holes: true,
         atomic_rename: true,
         read_back: true,
+        meta_in_place: true,
     }
 }
 
@@ -195,6 +196,7 @@ impl LocalReplica {
             xattrs: true,
             one_file_system: false,
             hard_links: true,
+            ..Options::default()
         };
         let mut r = LocalReplica::open(path, opts)?;
         r.anchor = Some(Anchor::open(path, Side::Replica, resolver, false)?);

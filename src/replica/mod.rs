@@ -9,6 +9,7 @@
 //! write) and, for in-process tests, `fake` (memory). An object store is the next peer.
 
 pub mod local;
+pub mod s3;
 
 #[cfg(test)]
 pub mod fake;
@@ -40,6 +41,9 @@ pub struct Capabilities {
     pub atomic_rename: bool,
     /// Content can be read back (to hash it, or to restore).
     pub read_back: bool,
+    /// A file's metadata can be changed without writing its content again (an object
+    /// store's cannot: compare then asks for a copy).
+    pub meta_in_place: bool,
 }
 
 impl Capabilities {
@@ -69,6 +73,16 @@ pub trait Content: Send {
     fn meta(&self) -> &Meta;
     /// The source's version while it was copied (what the cache records for the source).
     fn token(&self) -> Token;
+    /// The content's sha256 when this pass already knows it (it hashed the source and the
+    /// token has not moved), before anything is written.
+    fn known_hash(&self) -> Option<Hash> {
+        None
+    }
+    /// Starts over, so that `write_into` can run again (a replica that needs the hash before
+    /// the bytes reads the content twice).
+    fn rewind(&mut self) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Writes the whole content into `out` and returns the number of bytes written. A read
     /// failure is `CopyError::Source`, a write failure `CopyError::Replica`.
     fn write_into(&mut self, out: Sink<'_>) -> Result<u64, CopyError>;
@@ -192,6 +206,11 @@ pub trait Replica: Send + Sync {
     /// Makes everything written so far durable.
     fn commit(&self) -> io::Result<()>;
 
+    /// An object store's request counters (reported with the pass).
+    fn requests(&self) -> Option<std::sync::Arc<s3::Requests>> {
+        None
+    }
+
     /// Takes the replica's own lock (one writer at a time), held until the guard is dropped;
     /// `Ok(None)` when there is nothing to lock yet. Busy: `ErrorKind::WouldBlock`.
     fn lock(&self) -> io::Result<Option<Box<dyn Send>>>;
@@ -218,9 +237,23 @@ pub struct Options {
     pub one_file_system: bool,
     /// Mirror hard links (`--no-hard-links` turns it off).
     pub hard_links: bool,
+    /// How to reach an `s3://` replica.
+    pub endpoint: s3::Endpoint,
+    /// An object store's local index of what syncer wrote (beside the state).
+    pub index: Option<PathBuf>,
 }
 
-/// Opens the replica at `path` for one pass.
+/// Opens the replica at `path` (a directory, or an `s3://` address) for one pass.
 pub fn open(path: &Path, opts: Options) -> io::Result<Box<dyn Replica>> {
+    if let Some(target) = s3::Target::parse(path.as_os_str()) {
+        let target = target.map_err(io::Error::other)?;
+        let index = opts.index.clone();
+        return Ok(Box::new(s3::S3Replica::open(
+            &target,
+            &opts.endpoint.clone(),
+            &opts,
+            index.as_deref(),
+        )?));
+    }
     Ok(Box::new(local::LocalReplica::open(path, opts)?))
 }

@@ -105,6 +105,11 @@ pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held>
     let text = format!("{who} replica {}\n", show(replica));
     held.describe(&text)
         .map_err(|e| Error::io("write lock file", &path, e))?;
+    if crate::replica::s3::Target::parse(replica.as_os_str()).is_some() {
+        // An object store has no lock of its own: the lock file, keyed by its URL, keeps
+        // the passes of this machine apart.
+        return Ok(held);
+    }
     let target = crate::replica::open(replica, crate::replica::Options::default());
     // A replica that cannot be opened yet (missing) has nothing to lock; the pass reports
     // any other problem with it.

@@ -24,6 +24,9 @@ pub struct PassRecord {
     /// Why the pass failed or was refused.
     pub reason: Option<String>,
     pub dry_run: bool,
+    /// Requests made to an object-store replica (`list N, head N, get N, put N, delete N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

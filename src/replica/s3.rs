@@ -1,0 +1,1268 @@
+//! A replica in an S3-compatible bucket, through Apache OpenDAL's S3 service (issue 12).
+//!
+//! Layout under `s3://BUCKET/PREFIX`:
+//! - a regular file is one object at `PREFIX/<path>`, written by one PUT (a multipart upload
+//!   above [`MULTIPART_MIN`]), so a key never holds a torn file. Its user metadata carries
+//!   what rclone's `--metadata` keeps (`mtime` as seconds with a fraction, `mode` in octal
+//!   with the file type, `uid`, `gid`) and the content's `sha256`;
+//! - a symlink is an object `<path>.rclonelink` whose content is the target (rclone's `-l`
+//!   convention), with the same metadata;
+//! - a directory is a zero-byte marker `<path>/` (rclone's `--s3-directory-markers`), and the
+//!   attributes of every directory are kept in one object, [`DIRS_OBJECT`];
+//! - a name byte that S3 or its XML listing cannot carry (not UTF-8, a control character) is
+//!   written as `%XX`, and so is `%` itself; a file name that would read as a symlink or as
+//!   the directory object gets its `.` escaped the same way. Decoding reverses it exactly.
+//!
+//! An object's version is its ETag and size, both given by the listing. What syncer wrote is
+//! kept in a local index beside the state (key, ETag and size → metadata and sha256), so an
+//! idle pass is one recursive listing: no HEAD and no GET. A key whose ETag or size is not
+//! in the index (a lost index, or someone else's write) costs one HEAD, never a download.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use opendal::Operator;
+use rayon::prelude::*;
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use super::{Capabilities, Content, CopyError, Installed, Options, Replica, Sink};
+use crate::model::{
+    Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
+};
+
+/// Files above this size go up as multipart uploads, several parts in flight; smaller ones
+/// are read into memory once (hashed on the way) and sent with one PUT.
+pub const MULTIPART_MIN: u64 = 16 << 20;
+/// Part size of a multipart upload, and parts in flight.
+const PART: usize = 8 << 20;
+const PARTS_IN_FLIGHT: usize = 4;
+/// The object holding every directory's attributes (a name escaped in the tree).
+pub const DIRS_OBJECT: &str = ".syncer-dirs.json";
+const LINK_SUFFIX: &str = ".rclonelink";
+/// Keys per DeleteObjects request.
+const DELETE_BATCH: usize = 1000;
+
+/// Where a replica lives: `s3://BUCKET/PREFIX`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub bucket: String,
+    /// Without leading or trailing `/`; may be empty.
+    pub prefix: String,
+}
+
+impl Target {
+    /// `None` when `text` is not an `s3://` address; `Err` names what is wrong with one.
+    pub fn parse(text: &OsStr) -> Option<Result<Target, String>> {
+        let rest = text.as_bytes().strip_prefix(b"s3://")?;
+        let Ok(rest) = std::str::from_utf8(rest) else {
+            return Some(Err("an s3:// address must be UTF-8".into()));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Some(Err(format!("'s3://{rest}' names no bucket")));
+        }
+        let prefix = prefix.trim_matches('/').to_string();
+        if prefix
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+            && !prefix.is_empty()
+        {
+            return Some(Err(format!(
+                "'s3://{rest}': an empty, '.' or '..' component in the prefix"
+            )));
+        }
+        Some(Ok(Target {
+            bucket: bucket.to_string(),
+            prefix,
+        }))
+    }
+
+    pub fn url(&self) -> String {
+        match self.prefix.is_empty() {
+            true => format!("s3://{}", self.bucket),
+            false => format!("s3://{}/{}", self.bucket, self.prefix),
+        }
+    }
+}
+
+/// How to reach the object store (from `--s3-endpoint`/`AWS_ENDPOINT_URL` and
+/// `--s3-region`/`AWS_REGION`); credentials come from the standard AWS environment variables
+/// and the shared credentials file, never from the command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
+/// Escapes one name for a key (see the module's notes).
+pub fn escape(name: &[u8], kind: Kind, at_root: bool) -> String {
+    let mut out = String::with_capacity(name.len());
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '%' || c.is_control() {
+                let mut b = [0u8; 4];
+                for byte in c.encode_utf8(&mut b).bytes() {
+                    out.push_str(&format!("%{byte:02X}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let reserved =
+        out.ends_with(LINK_SUFFIX) || (at_root && out == DIRS_OBJECT) || out == "." || out == "..";
+    if kind != Kind::Symlink && reserved {
+        // The last '.' (there is one in each reserved name) becomes %2E.
+        let at = out.rfind('.').expect("a reserved name has a dot");
+        out.replace_range(at..at + 1, "%2E");
+    }
+    if kind == Kind::Symlink {
+        out.push_str(LINK_SUFFIX);
+    }
+    out
+}
+
+/// Decodes one key component: the name's bytes and whether it is a symlink object.
+pub fn unescape(segment: &str) -> (Vec<u8>, bool) {
+    let (body, link) = match segment.strip_suffix(LINK_SUFFIX) {
+        Some(b) if !b.is_empty() => (b, true),
+        _ => (segment, false),
+    };
+    let bytes = body.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    (out, link)
+}
+
+/// What the index knows of one object syncer wrote (or HEADed).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Known {
+    etag: String,
+    size: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, i64),
+    sha256: Option<[u8; 32]>,
+    /// A symlink's target.
+    link: Option<Vec<u8>>,
+}
+
+/// The attributes of one directory, as kept in [`DIRS_OBJECT`].
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct DirAttrs {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, i64),
+}
+
+impl DirAttrs {
+    fn of(meta: &Meta) -> DirAttrs {
+        DirAttrs {
+            mode: meta.perm,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime: (meta.mtime.sec, meta.mtime.nsec),
+        }
+    }
+}
+
+/// One object (or directory) of the listing.
+#[derive(Clone, Debug)]
+struct Listed {
+    name: OsString,
+    kind: Kind,
+    key: String,
+    size: u64,
+    etag: String,
+}
+
+const OBJECTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("objects");
+const INFO: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("info");
+
+/// Requests made by this replica, for the pass summary and the tests.
+#[derive(Debug, Default)]
+pub struct Requests {
+    pub list: AtomicU64,
+    pub head: AtomicU64,
+    pub get: AtomicU64,
+    pub put: AtomicU64,
+    pub delete: AtomicU64,
+}
+
+impl std::fmt::Display for Requests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write!(
+            f,
+            "list {}, head {}, get {}, put {}, delete {}",
+            n(&self.list),
+            n(&self.head),
+            n(&self.get),
+            n(&self.put),
+            n(&self.delete)
+        )
+    }
+}
+
+pub struct S3Replica {
+    /// Dropped before the runtime (see `Drop`).
+    op: Option<Operator>,
+    rt: Option<tokio::runtime::Runtime>,
+    target: Target,
+    /// Directory → its children, from the one listing made when the replica was opened.
+    tree: BTreeMap<RelPath, Vec<Listed>>,
+    /// Whether anything exists under the prefix.
+    exists: Mutex<bool>,
+    index: Option<redb::Database>,
+    /// Index changes not yet written (`None`: forget the key).
+    pending: Mutex<HashMap<String, Option<Known>>>,
+    dirs: Mutex<BTreeMap<Vec<u8>, DirAttrs>>,
+    dirs_changed: Mutex<bool>,
+    deletes: Mutex<Vec<String>>,
+    pub requests: Arc<Requests>,
+    dry: bool,
+}
+
+fn other(e: opendal::Error) -> io::Error {
+    let kind = match e.kind() {
+        opendal::ErrorKind::NotFound => io::ErrorKind::NotFound,
+        opendal::ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,
+        opendal::ErrorKind::Unsupported => io::ErrorKind::Unsupported,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, one_line(&e))
+}
+
+/// An OpenDAL error on one line, without the request's headers (which could carry
+/// credentials or signatures).
+pub fn one_line(e: &opendal::Error) -> String {
+    let text = format!("{}: {}", e.kind(), e.message());
+    let mut line = text.lines().next().unwrap_or("").to_string();
+    for key in [
+        "NoSuchBucket",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+    ] {
+        if format!("{e:?}").contains(key) && !line.contains(key) {
+            line.push_str(&format!(" ({key})"));
+        }
+    }
+    line
+}
+
+impl S3Replica {
+    /// Connects, checks the bucket and lists everything under the prefix. `index`: the local
+    /// index file (beside the state). Errors are one line naming the cause (exit 2).
+    pub fn open(
+        target: &Target,
+        endpoint: &Endpoint,
+        opts: &Options,
+        index: Option<&Path>,
+    ) -> io::Result<S3Replica> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let op = {
+            let _guard = rt.enter();
+            build_operator(target, endpoint).map_err(other)?
+        };
+        let mut me = S3Replica {
+            op: Some(op),
+            rt: Some(rt),
+            target: target.clone(),
+            tree: BTreeMap::new(),
+            exists: Mutex::new(false),
+            index: None,
+            pending: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(BTreeMap::new()),
+            dirs_changed: Mutex::new(false),
+            deletes: Mutex::new(Vec::new()),
+            requests: Arc::new(Requests::default()),
+            dry: !opts.create,
+        };
+        if let Some(path) = index {
+            me.index = Some(open_index(path, &target.url())?);
+        }
+        me.list_all()?;
+        Ok(me)
+    }
+
+    fn op(&self) -> &Operator {
+        self.op.as_ref().expect("operator")
+    }
+
+    fn block<F: std::future::IntoFuture>(&self, f: F) -> F::Output {
+        self.rt.as_ref().expect("runtime").block_on(f.into_future())
+    }
+
+    /// The key of `rel` (relative to the prefix, which is the operator's root).
+    fn key(&self, rel: &RelPath, kind: Kind) -> String {
+        let mut key = String::new();
+        let bytes = rel.as_bytes();
+        let parts: Vec<&[u8]> = bytes
+            .split(|b| *b == b'/')
+            .filter(|p| !p.is_empty())
+            .collect();
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            let k = if last { kind } else { Kind::Dir };
+            key.push_str(&escape(part, k, i == 0));
+            if !last {
+                key.push('/');
+            }
+        }
+        if kind == Kind::Dir {
+            key.push('/');
+        }
+        key
+    }
+
+    fn list_all(&mut self) -> io::Result<()> {
+        self.requests.list.fetch_add(1, Ordering::Relaxed);
+        let entries = self
+            .block(self.op().list_with("").recursive(true))
+            .map_err(other)?;
+        let mut tree: BTreeMap<RelPath, BTreeMap<Vec<u8>, Listed>> = BTreeMap::new();
+        let mut dirs_etag = None;
+        let mut any = false;
+        for e in entries {
+            let path = e.path().to_string();
+            if path.is_empty() || path == "/" {
+                continue;
+            }
+            any = true;
+            if path == DIRS_OBJECT {
+                dirs_etag = Some(e.metadata().etag().unwrap_or("").to_string());
+                continue;
+            }
+            let is_dir = path.ends_with('/');
+            let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+            let mut parent = RelPath::root();
+            for (i, seg) in segments.iter().enumerate() {
+                let (name, link) = unescape(seg);
+                let last = i + 1 == segments.len();
+                let kind = match (last, is_dir, link) {
+                    (false, _, _) | (true, true, _) => Kind::Dir,
+                    (true, false, true) => Kind::Symlink,
+                    (true, false, false) => Kind::File,
+                };
+                let children = tree.entry(parent.clone()).or_default();
+                let here = parent.join(OsStr::from_bytes(&name));
+                if kind == Kind::Dir {
+                    children.entry(name.clone()).or_insert_with(|| Listed {
+                        name: OsString::from_vec(name.clone()),
+                        kind: Kind::Dir,
+                        key: format!("{}/", segments[..=i].join("/")),
+                        size: 0,
+                        etag: String::new(),
+                    });
+                } else {
+                    let md = e.metadata();
+                    children.insert(
+                        name.clone(),
+                        Listed {
+                            name: OsString::from_vec(name.clone()),
+                            kind,
+                            key: path.clone(),
+                            size: md.content_length(),
+                            etag: md.etag().unwrap_or("").trim_matches('"').to_string(),
+                        },
+                    );
+                }
+                parent = here;
+            }
+        }
+        self.tree = tree
+            .into_iter()
+            .map(|(k, v)| (k, v.into_values().collect()))
+            .collect();
+        *self.exists.lock().expect("exists") = any;
+        // Directory attributes: from the index when it has this very object, else one GET.
+        if let Some(etag) = dirs_etag {
+            let etag = etag.trim_matches('"').to_string();
+            let known = self.index_get(DIRS_OBJECT);
+            let attrs = match known {
+                Some(k) if k.etag == etag => self.index_dirs(),
+                _ => {
+                    self.requests.get.fetch_add(1, Ordering::Relaxed);
+                    let buf = self.block(self.op().read(DIRS_OBJECT)).map_err(other)?;
+                    let parsed: Vec<(String, DirAttrs)> =
+                        serde_json::from_slice(&buf.to_vec()).unwrap_or_default();
+                    let map: BTreeMap<Vec<u8>, DirAttrs> = parsed
+                        .into_iter()
+                        .map(|(k, a)| (unescape_path(&k), a))
+                        .collect();
+                    self.pending.lock().expect("pending").insert(
+                        DIRS_OBJECT.into(),
+                        Some(Known {
+                            etag,
+                            size: buf.len() as u64,
+                            mode: 0,
+                            uid: 0,
+                            gid: 0,
+                            mtime: (0, 0),
+                            sha256: None,
+                            link: None,
+                        }),
+                    );
+                    *self.dirs_changed.lock().expect("dirs") = false;
+                    self.save_index_dirs(&map);
+                    map
+                }
+            };
+            *self.dirs.lock().expect("dirs") = attrs;
+        }
+        Ok(())
+    }
+
+    fn index_get(&self, key: &str) -> Option<Known> {
+        if let Some(p) = self.pending.lock().expect("pending").get(key) {
+            return p.clone();
+        }
+        let db = self.index.as_ref()?;
+        let txn = db.begin_read().ok()?;
+        let table = txn.open_table(OBJECTS).ok()?;
+        let value = table.get(key).ok()??;
+        serde_json::from_slice(value.value()).ok()
+    }
+
+    fn index_put(&self, key: &str, known: Option<Known>) {
+        self.pending
+            .lock()
+            .expect("pending")
+            .insert(key.to_string(), known);
+    }
+
+    fn index_dirs(&self) -> BTreeMap<Vec<u8>, DirAttrs> {
+        let Some(db) = &self.index else {
+            return BTreeMap::new();
+        };
+        let read = || -> Option<BTreeMap<Vec<u8>, DirAttrs>> {
+            let txn = db.begin_read().ok()?;
+            let table = txn.open_table(INFO).ok()?;
+            let v = table.get("dirs").ok()??;
+            let parsed: Vec<(String, DirAttrs)> = serde_json::from_str(v.value()).ok()?;
+            Some(
+                parsed
+                    .into_iter()
+                    .map(|(k, a)| (unescape_path(&k), a))
+                    .collect(),
+            )
+        };
+        read().unwrap_or_default()
+    }
+
+    fn save_index_dirs(&self, map: &BTreeMap<Vec<u8>, DirAttrs>) {
+        let Some(db) = &self.index else { return };
+        let json = dirs_json(map);
+        #[allow(clippy::result_large_err)] // redb's own error, converted once below
+        let write = || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(INFO)?.insert("dirs", json.as_str())?;
+            txn.commit()?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            log::warn!("index of '{}': {e}", self.target.url());
+        }
+    }
+
+    /// Metadata of a listed object: from the index when it knows this ETag and size, else
+    /// from one HEAD (recorded in the index).
+    fn resolve(&self, l: &Listed) -> io::Result<(Meta, Known)> {
+        let known = match self.index_get(&l.key) {
+            Some(k) if k.etag == l.etag && k.size == l.size && !l.etag.is_empty() => k,
+            _ => {
+                let k = self.head(&l.key, l.kind)?;
+                self.index_put(&l.key, Some(k.clone()));
+                k
+            }
+        };
+        let size = if l.kind == Kind::Symlink {
+            known.link.as_ref().map_or(l.size, |t| t.len() as u64)
+        } else {
+            l.size
+        };
+        Ok((meta_of(l.kind, &known, size), known))
+    }
+
+    fn head(&self, key: &str, kind: Kind) -> io::Result<Known> {
+        self.requests.head.fetch_add(1, Ordering::Relaxed);
+        let md = self.block(self.op().stat(key)).map_err(other)?;
+        let user = md.user_metadata();
+        let get = |k: &str| user.as_ref().and_then(|u| u.get(k)).map(str::to_string);
+        let mut known = Known {
+            etag: md.etag().unwrap_or("").trim_matches('"').to_string(),
+            size: md.content_length(),
+            mode: get("mode")
+                .and_then(|m| u32::from_str_radix(&m, 8).ok())
+                .map_or(default_perm(kind), |m| m & 0o7777),
+            uid: get("uid").and_then(|v| v.parse().ok()).unwrap_or(0),
+            gid: get("gid").and_then(|v| v.parse().ok()).unwrap_or(0),
+            mtime: get("mtime").and_then(|v| parse_mtime(&v)).unwrap_or((0, 0)),
+            sha256: get("sha256").and_then(|v| parse_hex(&v)),
+            link: None,
+        };
+        if kind == Kind::Symlink {
+            self.requests.get.fetch_add(1, Ordering::Relaxed);
+            let buf = self.block(self.op().read(key)).map_err(other)?;
+            known.link = Some(buf.to_vec());
+        }
+        Ok(known)
+    }
+
+    fn listed(&self, rel: &RelPath) -> Option<&Listed> {
+        let parent = rel.parent()?;
+        let name = rel.file_name()?;
+        self.tree
+            .get(&parent)?
+            .iter()
+            .find(|l| l.name.as_os_str() == name)
+    }
+
+    /// User metadata for an object with `meta` (rclone's keys and formats) and `hash`.
+    fn user_meta(meta: &Meta, hash: Option<&Hash>) -> Vec<(String, String)> {
+        let type_bits = match meta.kind {
+            Kind::Symlink => 0o120000,
+            Kind::Dir => 0o040000,
+            _ => 0o100000,
+        };
+        let mut m = vec![
+            (
+                "mtime".to_string(),
+                format!("{}.{:09}", meta.mtime.sec, meta.mtime.nsec),
+            ),
+            ("mode".to_string(), format!("{:o}", type_bits | meta.perm)),
+            ("uid".to_string(), meta.uid.to_string()),
+            ("gid".to_string(), meta.gid.to_string()),
+        ];
+        if let Some(h) = hash {
+            m.push(("sha256".to_string(), h.to_string()));
+        }
+        m
+    }
+
+    fn put_small(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        meta: &Meta,
+        hash: Option<&Hash>,
+    ) -> io::Result<String> {
+        self.requests.put.fetch_add(1, Ordering::Relaxed);
+        self.forget_delete(key);
+        let md = self
+            .block(
+                self.op()
+                    .write_with(key, body)
+                    .user_metadata(Self::user_meta(meta, hash)),
+            )
+            .map_err(other)?;
+        self.etag_after(key, md)
+    }
+
+    /// The ETag of what was just written (from the response, else one HEAD).
+    fn etag_after(&self, key: &str, md: opendal::Metadata) -> io::Result<String> {
+        match md.etag() {
+            Some(e) if !e.is_empty() => Ok(e.trim_matches('"').to_string()),
+            _ => {
+                self.requests.head.fetch_add(1, Ordering::Relaxed);
+                let md = self.block(self.op().stat(key)).map_err(other)?;
+                Ok(md.etag().unwrap_or("").trim_matches('"').to_string())
+            }
+        }
+    }
+
+    fn forget_delete(&self, key: &str) {
+        self.deletes.lock().expect("deletes").retain(|k| k != key);
+    }
+
+    fn flush_deletes(&self, all: bool) -> io::Result<()> {
+        loop {
+            let batch: Vec<String> = {
+                let mut d = self.deletes.lock().expect("deletes");
+                if d.is_empty() || (!all && d.len() < DELETE_BATCH) {
+                    return Ok(());
+                }
+                let n = d.len().min(DELETE_BATCH);
+                d.drain(..n).collect()
+            };
+            self.requests.delete.fetch_add(1, Ordering::Relaxed);
+            self.block(self.op().delete_iter(batch.clone()))
+                .map_err(other)?;
+            for k in batch {
+                self.index_put(&k, None);
+            }
+        }
+    }
+
+    fn version(etag: &str, size: u64) -> Version {
+        let mut v = Vec::with_capacity(etag.len() + 8);
+        v.extend_from_slice(&size.to_le_bytes());
+        v.extend_from_slice(etag.as_bytes());
+        Version::from_bytes(&v)
+    }
+
+    /// Every key at or below `key` (a directory key ends with `/`).
+    fn keys_below(&self, rel: &RelPath) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![rel.clone()];
+        while let Some(dir) = stack.pop() {
+            if let Some(children) = self.tree.get(&dir) {
+                for c in children {
+                    if c.kind == Kind::Dir {
+                        stack.push(dir.join(&c.name));
+                    }
+                    out.push(c.key.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn set_dir_attrs(&self, rel: &RelPath, meta: &Meta) {
+        self.dirs
+            .lock()
+            .expect("dirs")
+            .insert(rel.as_bytes().to_vec(), DirAttrs::of(meta));
+        *self.dirs_changed.lock().expect("dirs") = true;
+    }
+}
+
+fn default_perm(kind: Kind) -> u32 {
+    match kind {
+        Kind::Dir => 0o755,
+        Kind::Symlink => 0o777,
+        _ => 0o644,
+    }
+}
+
+fn meta_of(kind: Kind, k: &Known, size: u64) -> Meta {
+    Meta {
+        kind,
+        perm: k.mode,
+        uid: k.uid,
+        gid: k.gid,
+        size,
+        mtime: Stamp {
+            sec: k.mtime.0,
+            nsec: k.mtime.1,
+        },
+        atime: Stamp::default(),
+        link: None,
+    }
+}
+
+fn dir_meta(a: Option<&DirAttrs>) -> Meta {
+    let a = a.copied().unwrap_or(DirAttrs {
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: (0, 0),
+    });
+    Meta {
+        kind: Kind::Dir,
+        perm: a.mode,
+        uid: a.uid,
+        gid: a.gid,
+        size: 0,
+        mtime: Stamp {
+            sec: a.mtime.0,
+            nsec: a.mtime.1,
+        },
+        atime: Stamp::default(),
+        link: None,
+    }
+}
+
+/// rclone's mtime: seconds since the epoch with a fraction.
+fn parse_mtime(v: &str) -> Option<(i64, i64)> {
+    let (s, f) = v.split_once('.').unwrap_or((v, "0"));
+    let sec: i64 = s.parse().ok()?;
+    let mut frac = f.chars().take(9).collect::<String>();
+    while frac.len() < 9 {
+        frac.push('0');
+    }
+    Some((sec, frac.parse().ok()?))
+}
+
+fn parse_hex(v: &str) -> Option<[u8; 32]> {
+    if v.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(v.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A relative path as escaped text (the directory object's keys).
+fn escape_path(bytes: &[u8]) -> String {
+    bytes
+        .split(|b| *b == b'/')
+        .map(|p| escape(p, Kind::Dir, false))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn unescape_path(text: &str) -> Vec<u8> {
+    let parts: Vec<Vec<u8>> = text.split('/').map(|p| unescape(p).0).collect();
+    parts.join(&b'/')
+}
+
+fn dirs_json(map: &BTreeMap<Vec<u8>, DirAttrs>) -> String {
+    let list: Vec<(String, &DirAttrs)> = map.iter().map(|(k, a)| (escape_path(k), a)).collect();
+    serde_json::to_string(&list).expect("json")
+}
+
+fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Operator> {
+    let mut b = opendal::services::S3::default()
+        .bucket(&target.bucket)
+        .root(&format!("/{}", target.prefix))
+        .disable_ec2_metadata();
+    let region = endpoint
+        .region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
+        .unwrap_or_else(|| "us-east-1".to_string());
+    b = b.region(&region);
+    let url = endpoint.endpoint.clone().or_else(|| {
+        std::env::var("AWS_ENDPOINT_URL")
+            .ok()
+            .filter(|r| !r.is_empty())
+    });
+    if let Some(url) = url {
+        // Path-style addressing (OpenDAL's default) with an explicit endpoint.
+        b = b.endpoint(&url);
+    } else {
+        b = b.enable_virtual_host_style();
+    }
+    opendal::install_default();
+    let op = Operator::new(b)?.layer(
+        opendal::layers::RetryLayer::new()
+            .with_max_times(4)
+            .with_jitter(),
+    );
+    Ok(op)
+}
+
+fn open_index(path: &Path, url: &str) -> io::Result<redb::Database> {
+    let db = redb::Database::create(path).map_err(io::Error::other)?;
+    let txn = db.begin_write().map_err(io::Error::other)?;
+    {
+        let info = txn.open_table(INFO).map_err(io::Error::other)?;
+        let same = info
+            .get("url")
+            .map_err(io::Error::other)?
+            .is_some_and(|v| v.value() == url);
+        if !same {
+            drop(info);
+            let _ = txn.delete_table(OBJECTS);
+            let mut info = txn.open_table(INFO).map_err(io::Error::other)?;
+            let _ = info.remove("dirs");
+            info.insert("url", url).map_err(io::Error::other)?;
+        }
+        txn.open_table(OBJECTS).map_err(io::Error::other)?;
+    }
+    txn.commit().map_err(io::Error::other)?;
+    Ok(db)
+}
+
+/// A `Write` into an OpenDAL multipart writer (bytes are copied into owned buffers).
+struct Upload<'a> {
+    rep: &'a S3Replica,
+    w: opendal::Writer,
+}
+
+impl Write for Upload<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.rep.block(self.w.write(buf.to_vec())).map_err(other)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes into nothing (the hashing read of a large file before its upload).
+struct Discard;
+impl Write for Discard {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Replica for S3Replica {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            mode: true,
+            owner: true,
+            mtime_ns: Some(1),
+            symlinks: true,
+            empty_dirs: true,
+            hard_links: false,
+            xattrs: false,
+            holes: false,
+            atomic_rename: false,
+            read_back: true,
+            meta_in_place: false,
+        }
+    }
+
+    fn root(&self) -> io::Result<Option<Meta>> {
+        if !*self.exists.lock().expect("exists") {
+            return Ok(None);
+        }
+        Ok(Some(dir_meta(
+            self.dirs.lock().expect("dirs").get(&b""[..]),
+        )))
+    }
+
+    fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>> {
+        let Some(children) = self.tree.get(dir) else {
+            return Ok(Vec::new());
+        };
+        let dirs = self.dirs.lock().expect("dirs").clone();
+        children
+            .par_iter()
+            .map(|l| {
+                let rel = dir.join(&l.name);
+                Ok(match l.kind {
+                    Kind::Dir => Entry {
+                        name: l.name.clone(),
+                        meta: dir_meta(dirs.get(rel.as_bytes())),
+                        version: Version::default(),
+                    },
+                    _ => {
+                        let (meta, known) = self.resolve(l)?;
+                        Entry {
+                            name: l.name.clone(),
+                            meta,
+                            version: Self::version(&known.etag, l.size),
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+
+    fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>> {
+        let Some(l) = self.listed(rel) else {
+            return Ok(None);
+        };
+        if l.kind == Kind::Dir {
+            let dirs = self.dirs.lock().expect("dirs");
+            return Ok(Some((
+                dir_meta(dirs.get(rel.as_bytes())),
+                Version::default(),
+            )));
+        }
+        let (meta, known) = self.resolve(l)?;
+        Ok(Some((meta, Self::version(&known.etag, l.size))))
+    }
+
+    fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>> {
+        let key = self.key(rel, Kind::File);
+        self.requests.get.fetch_add(1, Ordering::Relaxed);
+        let buf = self.block(self.op().read(&key)).map_err(other)?;
+        Ok(Box::new(io::Cursor::new(buf.to_vec())))
+    }
+
+    /// The sha256 syncer stored with the object (index, else one HEAD); never a download.
+    /// An object without one (written by someone else) is `Unsupported`: its content is
+    /// unknown, so it is replaced.
+    fn hash(&self, rel: &RelPath, _counters: &HashCounters) -> io::Result<(Hash, Version)> {
+        let l = self.listed(rel).ok_or(io::ErrorKind::NotFound)?;
+        let (_, known) = self.resolve(l)?;
+        let version = Self::version(&known.etag, l.size);
+        match known.sha256 {
+            Some(h) => Ok((Hash(h), version)),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the object carries no sha256",
+            )),
+        }
+    }
+
+    fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf> {
+        let l = self.listed(rel).ok_or(io::ErrorKind::NotFound)?;
+        let (_, known) = self.resolve(l)?;
+        let target = known.link.ok_or(io::ErrorKind::NotFound)?;
+        Ok(PathBuf::from(OsString::from_vec(target)))
+    }
+
+    fn xattrs(&self, _rel: &RelPath, _kind: Kind) -> io::Result<Xattrs> {
+        Ok(Xattrs::default())
+    }
+
+    fn install_file(
+        &self,
+        rel: &RelPath,
+        content: &mut dyn Content,
+        unless: Option<(&Hash, &Version)>,
+    ) -> Result<Installed, CopyError> {
+        let key = self.key(rel, Kind::File);
+        let meta = *content.meta();
+        let size = meta.size;
+        let current = self
+            .listed(rel)
+            .filter(|l| l.kind == Kind::File)
+            .map(|l| Self::version(&l.etag, l.size));
+        let unchanged =
+            |hash: &Hash| unless.is_some_and(|(h, v)| h == hash && current.as_ref() == Some(v));
+        let unchanged_result = |hash: Hash| Installed {
+            version: current.clone().expect("checked"),
+            hash,
+            bytes: 0,
+            unchanged: true,
+        };
+        let (etag, hash) = if size < MULTIPART_MIN {
+            let mut body = Vec::with_capacity(size as usize);
+            content.write_into(Sink::Stream(&mut body))?;
+            let hash = content.finish()?;
+            if unchanged(&hash) {
+                return Ok(unchanged_result(hash));
+            }
+            let etag = self
+                .put_small(&key, body, &meta, Some(&hash))
+                .map_err(CopyError::Replica)?;
+            (etag, hash)
+        } else {
+            // The sha256 goes in the upload's headers, so it is known first: from this
+            // pass, or from one read of the source (the page cache serves the second).
+            let hash = match content.known_hash() {
+                Some(h) => h,
+                None => {
+                    content.write_into(Sink::Stream(&mut Discard))?;
+                    let h = content.finish()?;
+                    content.rewind().map_err(CopyError::Source)?;
+                    h
+                }
+            };
+            if unchanged(&hash) {
+                return Ok(unchanged_result(hash));
+            }
+            (self.upload(&key, content, &meta, hash)?, hash)
+        };
+        self.record(&key, &etag, &meta, hash, None);
+        Ok(Installed {
+            version: Self::version(&etag, size),
+            hash,
+            bytes: size,
+            unchanged: false,
+        })
+    }
+
+    fn mkdir(&self, rel: &RelPath) -> io::Result<()> {
+        let key = self.key(rel, Kind::Dir);
+        self.requests.put.fetch_add(1, Ordering::Relaxed);
+        self.forget_delete(&key);
+        self.block(self.op().create_dir(&key)).map_err(other)?;
+        *self.exists.lock().expect("exists") = true;
+        Ok(())
+    }
+
+    fn symlink(
+        &self,
+        rel: &RelPath,
+        target: &Path,
+        meta: &Meta,
+        _xattrs: Option<&Xattrs>,
+    ) -> io::Result<()> {
+        let key = self.key(rel, Kind::Symlink);
+        let body = target.as_os_str().as_bytes().to_vec();
+        let etag = self.put_small(&key, body.clone(), meta, None)?;
+        let mut k = known_of(&etag, body.len() as u64, meta, None);
+        k.link = Some(body);
+        self.index_put(&key, Some(k));
+        Ok(())
+    }
+
+    fn set_meta(
+        &self,
+        rel: &RelPath,
+        meta: &Meta,
+        _xattrs: Option<&Xattrs>,
+        _expect: Option<&Version>,
+    ) -> io::Result<Option<Version>> {
+        match meta.kind {
+            Kind::Dir => {
+                if !rel.is_root() && self.listed(rel).is_none() {
+                    // Made by this pass (markers of new directories are written by mkdir).
+                }
+                if rel.is_root() && !self.target.prefix.is_empty() {
+                    *self.exists.lock().expect("exists") = true;
+                }
+                self.set_dir_attrs(rel, meta);
+                Ok(Some(Version::default()))
+            }
+            Kind::Symlink => {
+                let target = self.read_link(rel)?;
+                self.symlink(rel, &target, meta, None)?;
+                Ok(Some(Version::default()))
+            }
+            // A file's attributes change only with a new PUT: compare asks for a copy
+            // instead (`meta_in_place` is false).
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "an object's metadata is changed by uploading it again",
+            )),
+        }
+    }
+
+    fn hard_link(&self, _rel: &RelPath, _to: &RelPath) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    fn remove(&self, rel: &RelPath, kind: Kind) -> io::Result<()> {
+        let mut keys = Vec::new();
+        if kind == Kind::Dir {
+            keys.extend(self.keys_below(rel));
+            let mut dirs = self.dirs.lock().expect("dirs");
+            let prefix = rel.as_bytes().to_vec();
+            dirs.retain(|k, _| {
+                !(k == &prefix || k.starts_with(&[prefix.as_slice(), b"/"].concat()))
+            });
+            *self.dirs_changed.lock().expect("dirs") = true;
+        }
+        keys.push(match self.listed(rel) {
+            Some(l) => l.key.clone(),
+            None => self.key(rel, kind),
+        });
+        self.deletes.lock().expect("deletes").extend(keys);
+        self.flush_deletes(false)
+    }
+
+    fn rename(&self, _from: &RelPath, _to: &RelPath) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "an object store has no rename",
+        ))
+    }
+
+    fn backup(&self, _rel: &RelPath, _keep: bool) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "--backup-dir is not supported for an s3:// replica yet",
+        ))
+    }
+
+    fn commit(&self) -> io::Result<()> {
+        if self.dry {
+            return Ok(());
+        }
+        self.flush_deletes(true)?;
+        let changed = std::mem::take(&mut *self.dirs_changed.lock().expect("dirs"));
+        if changed {
+            let map = self.dirs.lock().expect("dirs").clone();
+            let json = dirs_json(&map);
+            self.requests.put.fetch_add(1, Ordering::Relaxed);
+            let md = self
+                .block(self.op().write(DIRS_OBJECT, json.clone().into_bytes()))
+                .map_err(other)?;
+            let etag = self.etag_after(DIRS_OBJECT, md)?;
+            self.index_put(
+                DIRS_OBJECT,
+                Some(Known {
+                    etag,
+                    size: json.len() as u64,
+                    mode: 0,
+                    uid: 0,
+                    gid: 0,
+                    mtime: (0, 0),
+                    sha256: None,
+                    link: None,
+                }),
+            );
+            self.save_index_dirs(&map);
+        }
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending"));
+        if let (Some(db), false) = (&self.index, pending.is_empty()) {
+            #[allow(clippy::result_large_err)] // redb's own error, converted once below
+            let write = || -> Result<(), redb::Error> {
+                let txn = db.begin_write()?;
+                {
+                    let mut t = txn.open_table(OBJECTS)?;
+                    for (k, v) in &pending {
+                        match v {
+                            Some(known) => {
+                                let bytes = serde_json::to_vec(known).expect("json");
+                                t.insert(k.as_str(), bytes.as_slice())?;
+                            }
+                            None => {
+                                t.remove(k.as_str())?;
+                            }
+                        }
+                    }
+                }
+                txn.commit()?;
+                Ok(())
+            };
+            write().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn requests(&self) -> Option<Arc<Requests>> {
+        Some(self.requests.clone())
+    }
+
+    fn lock(&self) -> io::Result<Option<Box<dyn Send>>> {
+        // The replica lock for an object store is the state-dir lock keyed by its URL
+        // (taken by the command before the pass).
+        Ok(None)
+    }
+}
+
+impl S3Replica {
+    /// A multipart upload of `content`, whose sha256 must come out as `hash`; on any
+    /// failure the upload is aborted, so the key keeps what it had.
+    fn upload(
+        &self,
+        key: &str,
+        content: &mut dyn Content,
+        meta: &Meta,
+        hash: Hash,
+    ) -> Result<String, CopyError> {
+        self.forget_delete(key);
+        self.requests.put.fetch_add(1, Ordering::Relaxed);
+        let w = self
+            .block(
+                self.op()
+                    .writer_with(key)
+                    .chunk(PART)
+                    .concurrent(PARTS_IN_FLIGHT)
+                    .user_metadata(Self::user_meta(meta, Some(&hash))),
+            )
+            .map_err(|e| CopyError::Replica(other(e)))?;
+        let mut up = Upload { rep: self, w };
+        let finished = content
+            .write_into(Sink::Stream(&mut up))
+            .and_then(|_| content.finish());
+        match finished {
+            Ok(h) if h == hash => {}
+            wrong => {
+                let _ = self.block(up.w.abort());
+                return Err(wrong.err().unwrap_or(CopyError::Changed));
+            }
+        }
+        let md = self
+            .block(up.w.close())
+            .map_err(|e| CopyError::Replica(other(e)))?;
+        self.etag_after(key, md).map_err(CopyError::Replica)
+    }
+
+    fn record(&self, key: &str, etag: &str, meta: &Meta, hash: Hash, link: Option<Vec<u8>>) {
+        let mut k = known_of(etag, meta.size, meta, Some(hash));
+        k.link = link;
+        self.index_put(key, Some(k));
+    }
+}
+
+fn known_of(etag: &str, size: u64, meta: &Meta, hash: Option<Hash>) -> Known {
+    Known {
+        etag: etag.to_string(),
+        size,
+        mode: meta.perm,
+        uid: meta.uid,
+        gid: meta.gid,
+        mtime: (meta.mtime.sec, meta.mtime.nsec),
+        sha256: hash.map(|h| h.0),
+        link: None,
+    }
+}
+
+impl Drop for S3Replica {
+    fn drop(&mut self) {
+        // Connections are dropped inside the runtime, then the runtime is shut down.
+        drop(self.op.take());
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_round_trip_through_keys() {
+        let cases: Vec<(&[u8], Kind)> = vec![
+            (b"plain.txt", Kind::File),
+            (b"100%", Kind::File),
+            (b"bad\xff\xfename", Kind::File),
+            (b"tab\there", Kind::File),
+            (b"x.rclonelink", Kind::File),
+            (b"x.rclonelink", Kind::Symlink),
+            (b"link", Kind::Symlink),
+            (DIRS_OBJECT.as_bytes(), Kind::File),
+            ("caf\u{e9} \u{1f600}".as_bytes(), Kind::File),
+        ];
+        let mut seen = HashSet::new();
+        for (name, kind) in cases {
+            let key = escape(name, kind, true);
+            assert!(
+                seen.insert((key.clone(), format!("{kind:?}"))),
+                "{key} twice"
+            );
+            assert!(std::str::from_utf8(key.as_bytes()).is_ok());
+            assert!(!key.chars().any(char::is_control), "{key:?}");
+            assert_ne!(key, DIRS_OBJECT);
+            let (back, link) = unescape(&key);
+            assert_eq!(back, name, "{key}");
+            assert_eq!(link, kind == Kind::Symlink, "{key}");
+        }
+        assert_eq!(escape(b"x.rclonelink", Kind::File, false), "x%2Erclonelink");
+        assert_eq!(escape(b"a%b", Kind::File, false), "a%25b");
+    }
+
+    #[test]
+    fn addresses_parse() {
+        let t = Target::parse(OsStr::new("s3://bucket/a/b/"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((t.bucket.as_str(), t.prefix.as_str()), ("bucket", "a/b"));
+        assert_eq!(t.url(), "s3://bucket/a/b");
+        assert!(Target::parse(OsStr::new("/tmp/x")).is_none());
+        assert!(Target::parse(OsStr::new("s3://")).unwrap().is_err());
+        assert!(Target::parse(OsStr::new("s3://b/../x")).unwrap().is_err());
+    }
+
+    #[test]
+    fn mtime_keeps_nanoseconds() {
+        assert_eq!(parse_mtime("1700000000.000000123"), Some((1700000000, 123)));
+        assert_eq!(parse_mtime("1700000000.5"), Some((1700000000, 500_000_000)));
+        assert_eq!(parse_mtime("1700000000"), Some((1700000000, 0)));
+    }
+}
