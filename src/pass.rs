@@ -321,6 +321,7 @@ impl<'a> Pass<'a> {
         self.record.duration_ms = self.t0.elapsed().as_millis() as u64;
         self.record.result = result.to_string();
         self.record.reason = None;
+        self.record.requests = self.requests.as_ref().map(|r| r.to_string());
         Outcome {
             record: self.record.clone(),
             exit,

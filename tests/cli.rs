@@ -13,6 +13,8 @@ mod engine;
 mod hygiene;
 #[path = "cli/metadata.rs"]
 mod metadata;
+#[path = "cli/s3.rs"]
+mod s3;
 #[path = "cli/safety.rs"]
 mod safety;
 #[path = "cli/security.rs"]

@@ -259,15 +259,36 @@ fn other(e: opendal::Error) -> io::Error {
 /// An OpenDAL error on one line, without the request's headers (which could carry
 /// credentials or signatures).
 pub fn one_line(e: &opendal::Error) -> String {
-    let text = format!("{}: {}", e.kind(), e.message());
-    let mut line = text.lines().next().unwrap_or("").to_string();
+    let message = e.message().lines().next().unwrap_or("").trim().to_string();
+    let mut line = format!("{}: {message}", e.kind());
+    // The innermost cause says what really happened (connection refused, a DNS failure).
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(c) = cause {
+        let text = c.to_string();
+        let first = text.lines().next().unwrap_or("");
+        // "(os error N)" is noise here, and `error::reason` would cut the line at it.
+        last = Some(
+            first
+                .split(" (os error")
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        );
+        cause = c.source();
+    }
+    if let Some(c) = last.filter(|c| !line.contains(c.as_str())) {
+        line.push_str(&format!(" ({c})"));
+    }
+    let debug = format!("{e:?}");
     for key in [
         "NoSuchBucket",
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
         "AccessDenied",
     ] {
-        if format!("{e:?}").contains(key) && !line.contains(key) {
+        if debug.contains(key) && !line.contains(key) {
             line.push_str(&format!(" ({key})"));
         }
     }
@@ -1105,6 +1126,23 @@ impl Replica for S3Replica {
             );
             self.save_index_dirs(&map);
         }
+        self.save_index()
+    }
+
+    fn requests(&self) -> Option<Arc<Requests>> {
+        Some(self.requests.clone())
+    }
+
+    fn lock(&self) -> io::Result<Option<Box<dyn Send>>> {
+        // The replica lock for an object store is the state-dir lock keyed by its URL
+        // (taken by the command before the pass).
+        Ok(None)
+    }
+}
+
+impl S3Replica {
+    /// Writes what this pass learned of the bucket (uploads, HEADs) into the local index.
+    fn save_index(&self) -> io::Result<()> {
         let pending = std::mem::take(&mut *self.pending.lock().expect("pending"));
         if let (Some(db), false) = (&self.index, pending.is_empty()) {
             #[allow(clippy::result_large_err)] // redb's own error, converted once below
@@ -1132,18 +1170,6 @@ impl Replica for S3Replica {
         Ok(())
     }
 
-    fn requests(&self) -> Option<Arc<Requests>> {
-        Some(self.requests.clone())
-    }
-
-    fn lock(&self) -> io::Result<Option<Box<dyn Send>>> {
-        // The replica lock for an object store is the state-dir lock keyed by its URL
-        // (taken by the command before the pass).
-        Ok(None)
-    }
-}
-
-impl S3Replica {
     /// A multipart upload of `content`, whose sha256 must come out as `hash`; on any
     /// failure the upload is aborted, so the key keeps what it had.
     fn upload(
@@ -1203,6 +1229,10 @@ fn known_of(etag: &str, size: u64, meta: &Meta, hash: Option<Hash>) -> Known {
 
 impl Drop for S3Replica {
     fn drop(&mut self) {
+        // What HEADs taught is kept even when nothing was committed (an idle pass).
+        if let Err(e) = self.save_index() {
+            log::warn!("could not save the index of '{}': {e}", self.target.url());
+        }
         // Connections are dropped inside the runtime, then the runtime is shut down.
         drop(self.op.take());
         if let Some(rt) = self.rt.take() {
