@@ -49,8 +49,8 @@ pub enum CompletionShell {
 /// Options shared by `monoshot` and `start`.
 #[derive(Args, Debug, Clone)]
 pub struct SyncArgs {
-    /// Directory to mirror from.
-    #[arg(long, short = 's', value_name = "DIR")]
+    /// Directory to mirror from, or `s3://BUCKET/PREFIX` (a restore from a bucket).
+    #[arg(long, short = 's', value_name = "DIR|URL")]
     pub source: PathBuf,
     /// Directory to mirror into (created if missing), or `s3://BUCKET/PREFIX`.
     #[arg(long, short = 'r', value_name = "DIR|URL")]

@@ -102,6 +102,8 @@ pub struct Config {
     pub interval: Option<Duration>,
     /// An `s3://` replica: where it is and how to reach it.
     pub s3: Option<(crate::replica::s3::Target, crate::replica::s3::Endpoint)>,
+    /// An `s3://` source (a restore from a bucket).
+    pub source_s3: Option<(crate::replica::s3::Target, crate::replica::s3::Endpoint)>,
 }
 
 /// Makes `p` absolute against `cwd` and removes `.` and `..` lexically.
@@ -184,20 +186,34 @@ impl Config {
         let cwd =
             std::env::current_dir().map_err(|e| Error::io("read the working directory", ".", e))?;
         check_name(&args.name)?;
-        let source = check_source(&absolute(&args.source, &cwd))?;
+        let endpoint = crate::replica::s3::Endpoint {
+            endpoint: args.s3_endpoint.clone(),
+            region: args.s3_region.clone(),
+        };
+        let source_s3 = match crate::replica::s3::Target::parse(args.source.as_os_str()) {
+            None => None,
+            Some(Err(e)) => return Err(Error::Usage(e)),
+            Some(Ok(t)) => Some((t, endpoint.clone())),
+        };
+        let source = match &source_s3 {
+            Some((t, _)) => PathBuf::from(t.url()),
+            None => check_source(&absolute(&args.source, &cwd))?,
+        };
         let s3 = match crate::replica::s3::Target::parse(args.replica.as_os_str()) {
             None => None,
             Some(Err(e)) => return Err(Error::Usage(e)),
-            Some(Ok(t)) => Some((
-                t,
-                crate::replica::s3::Endpoint {
-                    endpoint: args.s3_endpoint.clone(),
-                    region: args.s3_region.clone(),
-                },
-            )),
+            Some(Ok(_)) if source_s3.is_some() => {
+                return Err(Error::Usage(
+                    "source and replica cannot both be s3:// addresses".into(),
+                ))
+            }
+            Some(Ok(t)) => Some((t, endpoint)),
         };
         let replica = match &s3 {
             Some((t, _)) => PathBuf::from(t.url()),
+            None if source_s3.is_some() => {
+                crate::replica::check_root(&absolute(&args.replica, &cwd)).map_err(Error::Usage)?
+            }
             None => check_replica(&absolute(&args.replica, &cwd), &source)?,
         };
         let state_dir = state_dir(args.state_dir.as_deref(), &cwd);
@@ -232,6 +248,11 @@ impl Config {
         };
         let backup_dir = match &args.backup_dir {
             None => None,
+            Some(_) if source_s3.is_some() => {
+                return Err(Error::Usage(
+                    "--backup-dir is not supported with an s3:// source yet".into(),
+                ))
+            }
             Some(_) if s3.is_some() => {
                 return Err(Error::Usage(
                     "--backup-dir is not supported with an s3:// replica yet".into(),
@@ -280,11 +301,16 @@ impl Config {
             verbosity,
             interval,
             s3,
+            source_s3,
         })
     }
 
     /// Re-checks the roots at the start of a pass (a daemon's source may vanish later).
     pub fn recheck_roots(&self) -> Result<()> {
+        if self.source_s3.is_some() {
+            // A bucket is checked when the pass opens it.
+            return Ok(());
+        }
         check_source(&self.source)?;
         if self.s3.is_none() {
             check_replica(&self.replica, &self.source)?;

@@ -18,6 +18,7 @@ use crate::error::{reason, ExitCode};
 use crate::journal;
 use crate::model::{show, HashCounters, Meta, RelPath};
 use crate::plan::{Op, Plan};
+use crate::replica::s3::S3Replica;
 use crate::replica::{self, Replica};
 use crate::scan::{self, Ctx, Scanned};
 use crate::source::{LocalSource, SourceTree};
@@ -40,7 +41,7 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
 
 /// The two trees, opened for this pass.
 struct Trees {
-    source: LocalSource,
+    source: Box<dyn SourceTree>,
     replica: Box<dyn Replica>,
     src_root: Meta,
     /// The source root's device (`--one-file-system` stays on it).
@@ -123,13 +124,32 @@ impl<'a> Pass<'a> {
     fn check(&mut self) -> Result<Trees, String> {
         let cfg = self.cfg;
         cfg.recheck_roots().map_err(|e| e.to_string())?;
-        let source = LocalSource::open(&cfg.source).map_err(|e| {
-            format!(
-                "could not read source '{}': {}",
-                show(&cfg.source),
-                reason(&e)
-            )
-        })?;
+        let source: Box<dyn SourceTree> = match &cfg.source_s3 {
+            Some((target, endpoint)) => {
+                let opts = replica::Options {
+                    index: Some(cfg.state_dir.join(format!("{}.s3index.redb", cfg.name))),
+                    ..replica::Options::default()
+                };
+                let s3 = S3Replica::open(target, endpoint, &opts, opts.index.as_deref()).map_err(
+                    |e| {
+                        format!(
+                            "could not read source '{}': {}",
+                            show(&cfg.source),
+                            reason(&e)
+                        )
+                    },
+                )?;
+                self.requests = Some(s3.requests.clone());
+                Box::new(s3)
+            }
+            None => Box::new(LocalSource::open(&cfg.source).map_err(|e| {
+                format!(
+                    "could not read source '{}': {}",
+                    show(&cfg.source),
+                    reason(&e)
+                )
+            })?),
+        };
         let src_root = source.root().map_err(|e| {
             format!(
                 "could not read source '{}': {}",
@@ -156,7 +176,9 @@ impl<'a> Pass<'a> {
                 reason(&e)
             )
         })?;
-        self.requests = replica.requests();
+        if cfg.source_s3.is_none() {
+            self.requests = replica.requests();
+        }
         let rep_root = replica.root().map_err(|e| {
             format!(
                 "could not read replica '{}': {}",
@@ -179,7 +201,7 @@ impl<'a> Pass<'a> {
         let snapshot = self.cache.snapshot();
         let ctx = Ctx {
             compare: Compare {
-                source: &trees.source,
+                source: trees.source.as_ref(),
                 replica: trees.replica.as_ref(),
                 caps: trees.replica.capabilities(),
                 counters: &counters,
@@ -225,7 +247,7 @@ impl<'a> Pass<'a> {
         let bar = progress.then(|| progress_bar(&scanned.plan));
         journal::set_bar(bar.clone());
         let applier = Applier {
-            source: &trees.source,
+            source: trees.source.as_ref(),
             replica,
             backup: self.backup_dir(),
             bar: bar.clone(),
