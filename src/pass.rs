@@ -31,7 +31,7 @@ use crate::state::status::PassRecord;
 const WIDE_RACY_WINDOW_NS: i64 = 3_000_000_000;
 
 /// The racy window for files on the source root's filesystem when it keeps nanosecond
-/// timestamps (`source::fine_timestamps`). The kernel stamps inode times from its coarse
+/// timestamps (`source::fine_timestamps_type`). The kernel stamps inode times from its coarse
 /// clock, which lags the clock the pass start is read from by at most one tick (1 to 10 ms);
 /// a write in the same tick as the hash therefore has a ctime later than the pass start
 /// minus one tick. Five ticks at HZ=100 leave a margin, and keep a pass that follows another

@@ -35,7 +35,7 @@ pub trait SourceTree: Send + Sync {
     /// The device of the root's filesystem (what `--one-file-system` stays on).
     fn root_dev(&self) -> u64;
     /// Whether the root's filesystem is known to keep fine timestamps (see
-    /// [`fine_timestamps`]). Unknown: no.
+    /// [`fine_timestamps_type`]). Unknown: no.
     fn fine_timestamps(&self) -> bool {
         false
     }
@@ -65,7 +65,7 @@ pub trait SourceTree: Send + Sync {
 /// server's clock, FUSE with whatever its daemon says, and the rest are not vouched for.
 /// An ext2/3/4 filesystem with 128-byte inodes keeps whole seconds; its ctimes have no
 /// sub-second part, which is how `model::Racy` tells.
-pub fn fine_timestamps(f_type: u32) -> bool {
+pub fn fine_timestamps_type(f_type: u32) -> bool {
     const EXT4: u32 = 0xEF53;
     const XFS: u32 = 0x5846_5342;
     const BTRFS: u32 = 0x9123_683E;
@@ -96,7 +96,8 @@ impl SourceTree for LocalSource {
     }
 
     fn fine_timestamps(&self) -> bool {
-        rustix::fs::fstatfs(self.anchor.root_fd()).is_ok_and(|st| fine_timestamps(st.f_type as u32))
+        rustix::fs::fstatfs(self.anchor.root_fd())
+            .is_ok_and(|st| fine_timestamps_type(st.f_type as u32))
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>> {
