@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use crate::error::{EntryError, Side};
-use crate::model::{HashCounters, Hint, Kind, RelPath, RepEntry, SrcEntry};
+use crate::model::{HashCounters, Hint, Kind, Racy, RelPath, RepEntry, SrcEntry};
 use crate::plan::Reason;
 use crate::replica::{Capabilities, Replica};
 use crate::source::{SourceTree, PIPELINE_MIN};
@@ -22,8 +22,8 @@ pub struct Compare<'a> {
     pub counters: &'a HashCounters,
     /// `--checksum`: ignore the cache.
     pub checksum: bool,
-    /// Source tokens whose ctime is at or after this (ns) are racy (see `state::cache`).
-    pub racy_after_ns: i64,
+    /// Which source tokens are racy (see `state::cache`).
+    pub racy: Racy,
 }
 
 /// What to do with a regular file present on both sides.
@@ -125,7 +125,7 @@ impl Compare<'_> {
             src: src_token,
             rep: rep_version,
             hash: src_hash,
-            src_racy: src_token.ctime_ns >= self.racy_after_ns,
+            src_racy: self.racy.is_racy(&src_token),
             xattrs: self.caps.xattrs && !xattrs_differ,
         };
         let meta_differs = self.caps.meta_differs(&src.meta, &rep.meta);

@@ -40,13 +40,18 @@ impl Excludes {
             });
         }
         let mut b = GitignoreBuilder::new("");
+        // gitignore(5) leaves an unclosed `[` undefined (git's matcher then matches nothing,
+        // the `ignore` crate a literal `[`); either way the user meant something else, so
+        // such a pattern is refused. `\[` matches a literal `[`.
+        b.allow_unclosed_class(false);
         for p in &patterns {
-            b.add_line(None, p)
-                .map_err(|e| Error::Usage(format!("invalid --exclude pattern '{p}': {e}")))?;
+            b.add_line(None, p).map_err(|e| {
+                Error::Usage(format!("invalid exclude pattern '{p}': {}", glob_error(&e)))
+            })?;
         }
         let matcher = b
             .build()
-            .map_err(|e| Error::Usage(format!("invalid --exclude patterns: {e}")))?;
+            .map_err(|e| Error::Usage(format!("invalid exclude patterns: {e}")))?;
         Ok(Excludes {
             matcher: Some(matcher),
             patterns,
@@ -63,6 +68,15 @@ impl Excludes {
         self.matcher
             .as_ref()
             .is_some_and(|m| m.matched(rel.as_path(), is_dir).is_ignore())
+    }
+}
+
+/// What is wrong with a pattern, without the `ignore` crate's "error parsing glob '...'"
+/// prefix (the message names the pattern as the user wrote it).
+fn glob_error(e: &ignore::Error) -> String {
+    match e {
+        ignore::Error::Glob { err, .. } => err.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -3,8 +3,13 @@
 //! terminal (actions and summaries on stdout, warnings and errors on stderr, `syncer: `
 //! prefixed). Files are opened for append and reopened on SIGHUP (logrotate).
 //!
-//! This is a small `log::Log` of its own rather than simplelog's: it must route two targets
-//! to two files and reopen them in place, which simplelog's loggers cannot do.
+//! This is a small `log::Log` of its own, not simplelog's loggers: the lines have a fixed
+//! format that users and tests parse; the schedule file takes the lines of several targets
+//! (schedule events bare, warnings and errors with a word); buffered I/O lines are flushed
+//! before every schedule line and after every committed chunk; both files are reopened in
+//! place on SIGHUP; and the terminal side needs the `syncer: ` prefix, `-q`/`-v` and the
+//! progress bar. simplelog's `WriteLogger` owns one writer and formats each record on its
+//! own, so all of that would still be written here, around it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};

@@ -179,6 +179,31 @@ impl Token {
     }
 }
 
+/// Which source tokens the hash cache may not trust yet: "racy" ones, whose ctime is so
+/// close to the start of the pass that read them that a second write in the same timestamp
+/// tick could have left the token unchanged (see `state::cache`). The window is wide in
+/// general, and narrow for files that sit on a filesystem known to keep fine timestamps
+/// (the source root's, given by its device) and whose ctime has a sub-second part: a
+/// filesystem that keeps whole seconds (ext2/ext3/ext4 with 128-byte inodes) has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Racy {
+    /// A ctime at or after this (ns since the epoch) is racy on any filesystem.
+    pub after_ns: i64,
+    /// `(device, moment)`: on that device, a sub-second ctime is racy only at or after that
+    /// later moment.
+    pub fine: Option<(u64, i64)>,
+}
+
+impl Racy {
+    pub fn is_racy(&self, token: &Token) -> bool {
+        let after = match self.fine {
+            Some((dev, after)) if token.dev == dev && token.ctime_ns % 1_000_000_000 != 0 => after,
+            _ => self.after_ns,
+        };
+        token.ctime_ns >= after
+    }
+}
+
 /// A replica's version of an entry: opaque bytes that only the replica implementation
 /// interprets (a local replica: device, inode, size, mtime and ctime; an object store: ETag
 /// and size). Two equal versions mean the entry was not changed in between; the cache stores
@@ -377,5 +402,40 @@ impl Xattrs {
             .binary_search_by(|(n, _)| n.as_slice().cmp(name))
             .ok()
             .map(|i| self.0[i].1.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(dev: u64, ctime_ns: i64) -> Token {
+        Token {
+            dev,
+            ctime_ns,
+            ..Token::default()
+        }
+    }
+
+    #[test]
+    fn the_narrow_racy_window_applies_only_to_sub_second_ctimes_on_the_fine_device() {
+        let s = 1_000_000_000;
+        let racy = Racy {
+            after_ns: 100 * s,
+            fine: Some((7, 103 * s)),
+        };
+        // Between the two cut-offs: trusted on the fine device, racy anywhere else.
+        assert!(!racy.is_racy(&token(7, 102 * s + 5)));
+        assert!(racy.is_racy(&token(8, 102 * s + 5)));
+        // A ctime of whole seconds: the filesystem may keep nothing finer.
+        assert!(racy.is_racy(&token(7, 102 * s)));
+        // At or after the narrow cut-off: racy everywhere; before the wide one: nowhere.
+        assert!(racy.is_racy(&token(7, 103 * s + 5)));
+        assert!(!racy.is_racy(&token(8, 99 * s + 5)));
+        let coarse = Racy {
+            after_ns: 100 * s,
+            fine: None,
+        };
+        assert!(coarse.is_racy(&token(7, 102 * s + 5)));
     }
 }

@@ -16,7 +16,7 @@ use crate::compare::Compare;
 use crate::config::Config;
 use crate::error::{reason, ExitCode};
 use crate::journal;
-use crate::model::{show, HashCounters, Meta, RelPath};
+use crate::model::{show, HashCounters, Meta, Racy, RelPath};
 use crate::plan::{Op, Plan};
 use crate::replica::s3::S3Replica;
 use crate::replica::{self, Replica};
@@ -25,9 +25,19 @@ use crate::source::{LocalSource, SourceTree};
 use crate::state::cache::{Cache, CachedFile, Delta, DirChange};
 use crate::state::status::PassRecord;
 
-/// A source token whose ctime is within this window before the scan started is racy. Wider
-/// than any timestamp granularity in use (FAT keeps 2 s), with a margin for clock skew.
-const RACY_WINDOW_NS: i64 = 3_000_000_000;
+/// A source token whose ctime is within this window before the pass started is racy (see
+/// `model::Racy`), unless the narrow window applies. Wider than any timestamp granularity in
+/// use (FAT keeps 2 s), with a margin for clock skew (a network filesystem stamps files with
+/// the server's clock).
+const WIDE_RACY_WINDOW_NS: i64 = 3_000_000_000;
+
+/// The racy window for files on the source root's filesystem when it keeps nanosecond
+/// timestamps (`source::fine_timestamps_type`). The kernel stamps inode times from its coarse
+/// clock, which lags the clock the pass start is read from by at most one tick (1 to 10 ms);
+/// a write in the same tick as the hash therefore has a ctime later than the pass start
+/// minus one tick. Five ticks at HZ=100 leave a margin, and keep a pass that follows another
+/// within a fraction of a second from re-hashing what the first one copied.
+const FINE_RACY_WINDOW_NS: i64 = 50_000_000;
 
 pub struct Outcome {
     pub record: PassRecord,
@@ -48,6 +58,8 @@ struct Trees {
     src_dev: u64,
     /// `None`: the replica does not exist yet (a dry run of a first pass).
     rep_root: Option<Meta>,
+    /// Which source tokens are racy in this pass.
+    racy: Racy,
 }
 
 struct Pass<'a> {
@@ -186,7 +198,14 @@ impl<'a> Pass<'a> {
                 reason(&e)
             )
         })?;
+        let racy = Racy {
+            after_ns: self.started_ns - WIDE_RACY_WINDOW_NS,
+            fine: source
+                .fine_timestamps()
+                .then(|| (source.root_dev(), self.started_ns - FINE_RACY_WINDOW_NS)),
+        };
         Ok(Trees {
+            racy,
             src_dev: source.root_dev(),
             source,
             replica,
@@ -206,7 +225,7 @@ impl<'a> Pass<'a> {
                 caps: trees.replica.capabilities(),
                 counters: &counters,
                 checksum: self.cfg.checksum,
-                racy_after_ns: self.racy_after_ns(),
+                racy: trees.racy,
             },
             excludes: &self.cfg.excludes,
             recall: &snapshot,
@@ -222,10 +241,6 @@ impl<'a> Pass<'a> {
             *c += journal::report(p);
         }
         scanned
-    }
-
-    fn racy_after_ns(&self) -> i64 {
-        self.started_ns - RACY_WINDOW_NS
     }
 
     /// A dry run prints the plan instead of applying it.
@@ -253,7 +268,7 @@ impl<'a> Pass<'a> {
             bar: bar.clone(),
             xattrs: replica.capabilities().xattrs,
         };
-        let racy_after_ns = self.racy_after_ns();
+        let racy = trees.racy;
         let drafts: HashMap<RelPath, Delta> = std::mem::take(&mut scanned.drafts)
             .into_iter()
             .map(|d| (d.dir, d.delta))
@@ -281,7 +296,7 @@ impl<'a> Pass<'a> {
                             sync_error = Some(flush_error(e));
                             continue;
                         }
-                        let changes = group_by_dir(written, fixed, racy_after_ns);
+                        let changes = group_by_dir(written, fixed, racy);
                         if let Err(e) = cache.record_chunk(changes, &mut drafts) {
                             log::warn!(
                                 "could not update the hash cache: {e}; the next pass hashes again"
@@ -425,7 +440,7 @@ fn progress_bar(plan: &Plan) -> ProgressBar {
 pub(crate) fn group_by_dir(
     written: Vec<(RelPath, Written)>,
     fixed: Vec<Fixed>,
-    racy_after_ns: i64,
+    racy: Racy,
 ) -> BTreeMap<RelPath, DirChange> {
     use std::os::unix::ffi::OsStrExt;
     let mut out: BTreeMap<RelPath, DirChange> = BTreeMap::new();
@@ -439,7 +454,7 @@ pub(crate) fn group_by_dir(
             src: w.src,
             rep: w.rep,
             hash: w.hash,
-            src_racy: w.src.ctime_ns >= racy_after_ns,
+            src_racy: racy.is_racy(&w.src),
             xattrs: w.xattrs,
         });
     }

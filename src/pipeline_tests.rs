@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use crate::apply::{describe, Applied, Applier};
 use crate::compare::Compare;
 use crate::config::Excludes;
-use crate::model::{HashCounters, Kind, RelPath};
+use crate::model::{HashCounters, Kind, Racy, RelPath};
 use crate::plan::Guard;
 use crate::replica::fake::{full_caps, rel, Fake};
 use crate::replica::{Capabilities, Replica};
@@ -40,8 +40,8 @@ struct Harness {
     src: Fake,
     rep: Fake,
     memory: Memory,
-    /// Source tokens with a ctime at or after this are racy.
-    racy_after_ns: i64,
+    /// Which source tokens are racy.
+    racy: Racy,
     guard: Guard,
 }
 
@@ -51,7 +51,10 @@ impl Harness {
             src: Fake::new(full_caps()),
             rep: Fake::new(caps),
             memory: Memory::default(),
-            racy_after_ns: 1_000,
+            racy: Racy {
+                after_ns: 1_000,
+                fine: None,
+            },
             guard: Guard::Default,
         }
     }
@@ -66,7 +69,7 @@ impl Harness {
                 caps: self.rep.capabilities(),
                 counters: &counters,
                 checksum: false,
-                racy_after_ns: self.racy_after_ns,
+                racy: self.racy,
             },
             excludes: &excludes,
             recall: &self.memory,
@@ -104,9 +107,9 @@ impl Harness {
         for d in scanned.drafts {
             d.delta.apply(mem.entry(d.dir).or_default());
         }
-        let racy_after = self.racy_after_ns;
+        let racy = self.racy;
         let applied = applier.apply(&scanned.plan, |written, fixed| {
-            for (dir, change) in crate::pass::group_by_dir(written, fixed, racy_after) {
+            for (dir, change) in crate::pass::group_by_dir(written, fixed, racy) {
                 change.apply(mem.entry(dir).or_default());
             }
         });
@@ -196,7 +199,10 @@ fn a_racy_source_token_is_hashed_again_but_not_copied() {
     assert!(installs(&h.rep.take_calls()).is_empty());
     // Once the token is no longer racy (the pass started long after), it is trusted.
     let later = Harness {
-        racy_after_ns: 10_000,
+        racy: Racy {
+            after_ns: 10_000,
+            fine: None,
+        },
         ..h
     };
     later.pass().expect("records a trusted token");

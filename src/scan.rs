@@ -551,7 +551,7 @@ fn in_sync(
         src: s.version,
         rep: r.version.clone(),
         hash: crate::model::Hash::default(),
-        src_racy: s.version.ctime_ns >= ctx.compare.racy_after_ns,
+        src_racy: ctx.compare.racy.is_racy(&s.version),
         xattrs: true,
     }
 }

@@ -34,6 +34,11 @@ pub trait SourceTree: Send + Sync {
     fn root(&self) -> io::Result<Meta>;
     /// The device of the root's filesystem (what `--one-file-system` stays on).
     fn root_dev(&self) -> u64;
+    /// Whether the root's filesystem is known to keep fine timestamps (see
+    /// [`fine_timestamps_type`]). Unknown: no.
+    fn fine_timestamps(&self) -> bool {
+        false
+    }
     /// Lists a directory, sorted by name bytes.
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>>;
     /// Hashes a file: its sha256 and the token it had while it was read.
@@ -49,6 +54,23 @@ pub trait SourceTree: Send + Sync {
         rel: &RelPath,
         known: Option<(Token, Hash)>,
     ) -> io::Result<Box<dyn Content + '_>>;
+}
+
+/// Whether a filesystem type (`statfs`'s `f_type`) is one known to keep inode times to the
+/// nanosecond, stamped by the kernel from its own clock: ext4 (and ext2/ext3, which share
+/// its magic number), xfs, btrfs and tmpfs. The kernel takes those times from its coarse
+/// clock, which moves once a tick (every 1 to 10 ms, at HZ=1000 to 100), so a write after a
+/// file was hashed shows in its ctime unless it falls in the same tick. Every other type
+/// gets no for an answer: FAT keeps 2 s, exFAT 10 ms, a network filesystem stamps with the
+/// server's clock, FUSE with whatever its daemon says, and the rest are not vouched for.
+/// An ext2/3/4 filesystem with 128-byte inodes keeps whole seconds; its ctimes have no
+/// sub-second part, which is how `model::Racy` tells.
+pub fn fine_timestamps_type(f_type: u32) -> bool {
+    const EXT4: u32 = 0xEF53;
+    const XFS: u32 = 0x5846_5342;
+    const BTRFS: u32 = 0x9123_683E;
+    const TMPFS: u32 = 0x0102_1994;
+    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
 }
 
 /// A local source directory.
@@ -71,6 +93,11 @@ impl SourceTree for LocalSource {
 
     fn root_dev(&self) -> u64 {
         self.anchor.dev()
+    }
+
+    fn fine_timestamps(&self) -> bool {
+        rustix::fs::fstatfs(self.anchor.root_fd())
+            .is_ok_and(|st| fine_timestamps_type(st.f_type as u32))
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>> {

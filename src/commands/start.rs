@@ -64,7 +64,7 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
         .stdout(open_log()?)
         .stderr(open_log()?);
     match daemon.execute() {
-        Outcome::Parent(Ok(_)) => confirm(&cfg, &pid_path, &error_path, &nonce, &log_path),
+        Outcome::Parent(Ok(_)) => confirm(&cfg, &error_path, &nonce, &log_path),
         Outcome::Parent(Err(e)) => Err(Error::Usage(format!("could not start the daemon: {e}"))),
         Outcome::Child(Ok(_)) => Ok(daemon::run(&cfg, &nonce, false)),
         Outcome::Child(Err(e)) => {
@@ -81,13 +81,9 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
 }
 
 /// Waits until the daemon with our nonce holds the PID file, or reports why it did not.
-fn confirm(
-    cfg: &Config,
-    pid_path: &Path,
-    error_path: &Path,
-    nonce: &str,
-    log_path: &Path,
-) -> Result<ExitCode> {
+fn confirm(cfg: &Config, error_path: &Path, nonce: &str, log_path: &Path) -> Result<ExitCode> {
+    let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");
+    let start_path = state::file(&cfg.state_dir, &cfg.name, "start");
     let deadline = Instant::now() + CONFIRM_TIMEOUT;
     while Instant::now() < deadline {
         if let Ok(text) = fs::read_to_string(error_path) {
@@ -96,9 +92,11 @@ fn confirm(
                 return Err(Error::with_code(code, msg));
             }
         }
-        if let Some(text) = lock::holder(pid_path) {
-            if text.split_whitespace().nth(1) == Some(nonce) {
-                let pid = daemon::pid_of(&text).unwrap_or(0);
+        let held = lock::holder(&pid_path).and_then(|text| daemon::pid_of(&text));
+        if let Some(pid) = held {
+            let ours = fs::read_to_string(&start_path)
+                .is_ok_and(|text| text == daemon::start_text(pid, nonce));
+            if ours {
                 // The daemon runs whether or not this line can be written.
                 let _ = crate::term::out(format_args!(
                     "started job '{}' (pid {pid}): '{}' -> '{}' every {}",

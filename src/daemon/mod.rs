@@ -24,9 +24,17 @@ use crate::state::{self, lock, status};
 /// The longest the loop sleeps before looking at its signal flags again.
 const TICK: Duration = Duration::from_millis(50);
 
-/// The pid in a PID file's text (`<pid> <nonce>`).
+/// The pid in a PID file's text: the pid in decimal and a newline. (A daemon started by an
+/// earlier version wrote `<pid> <nonce>`; its first word is still its pid.)
 pub fn pid_of(text: &str) -> Option<u32> {
     text.split_whitespace().next()?.parse().ok()
+}
+
+/// The text of the start file (`<name>.start`), written by a forked daemon just before its
+/// PID file: `<pid> <nonce>`. The `start` that forked it waits for its own nonce there, next
+/// to the same pid in the PID file, and so never takes another daemon for its own.
+pub fn start_text(pid: u32, nonce: &str) -> String {
+    format!("{pid} {nonce}\n")
 }
 
 /// Takes the PID file's lock. `status`, `stop` and a waiting `start` probe that lock by
@@ -86,8 +94,21 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     journal::init(foreground.then_some(cfg.verbosity));
     let pid = std::process::id();
     let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");
+    let start_path = state::file(&cfg.state_dir, &cfg.name, "start");
     let mut pidfile = match lock_pid_file(&pid_path) {
-        Ok(Ok(held)) => held,
+        // A crashed daemon's pid may still be in the file: it is not ours.
+        Ok(Ok(mut held)) => match held.describe("") {
+            Ok(()) => held,
+            Err(e) => {
+                return fail(
+                    cfg,
+                    nonce,
+                    foreground,
+                    ExitCode::Usage,
+                    &format!("could not write '{}': {e}", show(&pid_path)),
+                )
+            }
+        },
         Ok(Err(text)) => {
             let other = pid_of(&text).map_or("unknown".into(), |p| p.to_string());
             return fail(
@@ -135,15 +156,22 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
         show(&cfg.replica),
         humantime::format_duration(interval)
     ));
-    // Announce readiness last: the parent returns 0 once it sees this.
-    if let Err(e) = pidfile.describe(&format!("{pid} {nonce}\n")) {
-        return fail(
-            cfg,
-            nonce,
-            foreground,
-            ExitCode::Usage,
-            &format!("could not write '{}': {e}", show(&pid_path)),
-        );
+    // Announce readiness last: the parent returns 0 once it sees its nonce in the start
+    // file and the same pid in the PID file, which holds the pid alone (`kill $(cat …)`,
+    // systemd's PIDFile=).
+    let written = if nonce.is_empty() {
+        Ok(())
+    } else {
+        fs::write(&start_path, start_text(pid, nonce))
+            .map_err(|e| format!("could not write '{}': {e}", show(&start_path)))
+    }
+    .and_then(|()| {
+        pidfile
+            .describe(&format!("{pid}\n"))
+            .map_err(|e| format!("could not write '{}': {e}", show(&pid_path)))
+    });
+    if let Err(msg) = written {
+        return fail(cfg, nonce, foreground, ExitCode::Usage, &msg);
     }
 
     let mut next = Instant::now();
@@ -185,6 +213,7 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     // replica still locked (exit 4) or the cache still open.
     drop(cache);
     drop(_replica_lock);
+    let _ = fs::remove_file(&start_path);
     let _ = fs::remove_file(&pid_path);
     drop(pidfile);
     ExitCode::Ok

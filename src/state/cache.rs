@@ -8,6 +8,9 @@
 //! the moment it was hashed is "racy" (a second write within the same clock tick would leave
 //! the token unchanged) and is re-hashed by the next pass, as git does for its index.
 //!
+//! Records are encoded with postcard: integers as varints, so a file's entry is about 105
+//! bytes plus its name (bincode 1, unmaintained, took 135).
+//!
 //! The database also records which source and replica it belongs to (a foreign cache is
 //! cleared, not trusted) and one summary per pass. It is written only after the pass's data
 //! is durable. A database that cannot be opened is replaced, with a warning, by a new one.
@@ -25,7 +28,8 @@ const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
-const FORMAT: &[u8] = b"syncer-cache-4";
+/// 5: postcard records (4 was bincode 1).
+const FORMAT: &[u8] = b"syncer-cache-5";
 
 /// How many pass summaries the database keeps.
 const KEEP_PASSES: u64 = 1000;
@@ -87,8 +91,14 @@ impl Recall for Snapshot {
     fn dir(&self, rel: &RelPath) -> Option<DirRecord> {
         let table = self.table.as_ref()?;
         let guard = table.get(rel.as_bytes()).ok()??;
-        bincode::deserialize(guard.value()).ok()
+        decode(guard.value())
     }
+}
+
+/// A stored directory record, or `None` if it cannot be decoded (the directory is then
+/// simply hashed again).
+fn decode(bytes: &[u8]) -> Option<DirRecord> {
+    postcard::from_bytes(bytes).ok()
 }
 
 fn db_err(e: impl std::fmt::Display) -> String {
@@ -310,7 +320,7 @@ fn stored(dirs: &redb::Table<&[u8], &[u8]>, dir: &RelPath) -> Result<Vec<CachedF
     Ok(dirs
         .get(dir.as_bytes())
         .map_err(db_err)?
-        .and_then(|g| bincode::deserialize::<DirRecord>(g.value()).ok())
+        .and_then(|g| decode(g.value()))
         .map(|r| r.files)
         .unwrap_or_default())
 }
@@ -396,7 +406,7 @@ fn put(
         return Ok(());
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
-    let bytes = bincode::serialize(&DirRecord { files }).map_err(db_err)?;
+    let bytes = postcard::to_allocvec(&DirRecord { files }).map_err(db_err)?;
     dirs.insert(dir.as_bytes(), bytes.as_slice())
         .map_err(db_err)?;
     Ok(())
@@ -457,6 +467,33 @@ mod tests {
         d.apply(&mut files);
         files.sort_by(|x, y| x.name.cmp(&y.name));
         assert_eq!(files, new);
+    }
+
+    #[test]
+    fn a_record_survives_encoding_and_a_truncated_one_is_refused() {
+        let mut a = f("a", 12_345_678);
+        a.src = Token {
+            dev: 64_768,
+            ino: 12_345_678,
+            size: 4_000,
+            mtime_ns: 1_700_000_000_123_456_789,
+            ctime_ns: 1_764_000_000_987_654_321,
+        };
+        a.rep = a.src.to_version();
+        a.hash = Hash([7; 32]);
+        a.xattrs = true;
+        let record = DirRecord {
+            files: vec![a, f("b", 2)],
+        };
+        let bytes = postcard::to_allocvec(&record).expect("encode");
+        assert_eq!(decode(&bytes).expect("decode").files, record.files);
+        // A file's entry: name, kind, token as varints, 40-byte version, hash, two flags.
+        let one = postcard::to_allocvec(&DirRecord {
+            files: vec![record.files[0].clone()],
+        })
+        .expect("encode");
+        assert!(one.len() <= 110, "{} bytes", one.len());
+        assert!(decode(&bytes[..bytes.len() / 2]).is_none());
     }
 
     #[test]

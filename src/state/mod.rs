@@ -4,7 +4,9 @@
 //!
 //! Layout of a state directory:
 //! ```text
-//! <name>.pid            daemon PID file, locked while the daemon runs
+//! <name>.pid            daemon PID file: the pid and a newline; locked while the daemon runs
+//! <name>.start          `<pid> <nonce>` of a forked daemon, for the `start` waiting on it
+//! <name>.start-error    why a forked daemon did not start, for that same `start`
 //! <name>.status.json    last pass, next pass, refusal reason (written atomically)
 //! <name>.cache.redb     hash cache and pass history
 //! <name>.io.log         file-I/O log          <name>.schedule.log   schedule log

@@ -49,14 +49,6 @@ fn regular_files(root: &Path) -> u64 {
     snapshot(root).values().filter(|s| s.kind == "file").count() as u64
 }
 
-/// Source files whose ctime is within 3 s of a pass's start are "racy" (a second write in the
-/// same clock tick would not change their stat token), so the next pass re-hashes them, as
-/// git does for racy-clean index entries. Tests that count hashed files let the freshly
-/// generated tree age past that window once, before the first pass.
-fn let_tree_age_past_racy_window() {
-    std::thread::sleep(Duration::from_millis(3100));
-}
-
 /// Rewrites `path` with different content of the same length and puts its mtime back, so
 /// size and mtime (what rsync's quick check looks at) are unchanged.
 fn same_size_same_mtime_edit(path: &Path) {
@@ -73,7 +65,7 @@ fn same_size_same_mtime_edit(path: &Path) {
 fn second_pass_over_unchanged_tree_hashes_no_file() {
     let env = Env::new();
     gen_tree(&env.src, 41, 200);
-    let_tree_age_past_racy_window();
+    let_source_age_past_racy_window(&env.src);
     env.mirror_ok(&[]);
     env.mirror_ok(&[]);
     assert_eq!(hashed_in_log(&env), (0, 0), "{}", last_pass_end(&env));
@@ -82,13 +74,119 @@ fn second_pass_over_unchanged_tree_hashes_no_file() {
     assert_eq!(last_pass(&env)["result"], "ok");
 }
 
+/// A tree that has not changed since before the first pass, then a second pass ~100 ms after
+/// the first ended (a script running two passes, a daemon at a short interval): the second
+/// reads no file content. The scratch filesystem is checked when it keeps fine timestamps
+/// (ext4 here), and a tmpfs in any case.
+#[test]
+fn back_to_back_passes_over_an_unchanged_tree_read_nothing_the_second_time() {
+    let back_to_back = |env: &Env, what: &str| {
+        gen_tree(&env.src, 47, 120);
+        // Settled: older than the narrow racy window (50 ms) when the first pass starts,
+        // well within the wide one (3 s).
+        std::thread::sleep(Duration::from_millis(200));
+        env.mirror_ok(&[]);
+        std::thread::sleep(Duration::from_millis(100));
+        env.mirror_ok(&[]);
+        assert_eq!(hashed_in_log(env), (0, 0), "{what}: {}", last_pass_end(env));
+        assert_eq!(last_pass(env)["hashed_bytes"], 0, "{what}");
+    };
+    let env = Env::new();
+    if fine_timestamps(&env.src) {
+        back_to_back(&env, "scratch filesystem");
+    } else {
+        eprintln!("the scratch filesystem is not ext4, xfs, btrfs or tmpfs: tmpfs only");
+    }
+    let env = Env::new();
+    let _tmpfs = Mount::tmpfs(&env.src, "64m");
+    back_to_back(&env, "tmpfs");
+}
+
+/// Files on a filesystem not known to keep fine timestamps keep the 3 s racy window, and so
+/// are re-hashed by a pass 100 ms after the one that first read them: here a ramfs mounted
+/// inside a tmpfs source (another device, of a type not vouched for).
+#[test]
+fn a_filesystem_of_unknown_timestamps_keeps_the_wide_racy_window() {
+    let env = Env::new();
+    let _tmpfs = Mount::tmpfs(&env.src, "16m");
+    write(&env.src.join("on-tmpfs/a.txt"), b"fine timestamps");
+    write(&env.src.join("on-tmpfs/b.txt"), b"fine timestamps too");
+    let _ramfs = Mount::with(&env.src.join("ram"), &["-t", "ramfs", "ramfs"]);
+    for i in 0..3 {
+        write(
+            &env.src.join(format!("ram/r{i}.txt")),
+            b"unknown timestamps",
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    env.mirror_ok(&[]);
+    std::thread::sleep(Duration::from_millis(100));
+    env.mirror_ok(&[]);
+    assert_eq!(
+        hashed_in_log(&env).0,
+        3,
+        "only the ramfs files are racy: {}",
+        last_pass_end(&env)
+    );
+}
+
+/// The case the racy window exists for, made real: an ext4 whose 128-byte inodes keep whole
+/// seconds (`statfs` says ext4, its ctimes say otherwise). A file is mirrored, then rewritten
+/// with the same size and its mtime put back within the same second, so its stat token does
+/// not change at all. The next pass must still copy it.
+#[test]
+fn a_same_size_edit_within_the_same_timestamp_tick_is_caught() {
+    let env = Env::new();
+    let _ext4 = Mount::ext4_image(&env.path("ext4-128.img"), "8M", &["-I", "128"], &env.src);
+    assert!(fine_timestamps(&env.src), "statfs should say ext4");
+    let f = env.src.join("same.txt");
+    let ctime = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(p).expect("lstat");
+        (m.ctime(), m.ctime_nsec(), m.ino())
+    };
+    let now_subsec = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .subsec_millis()
+    };
+    // Each try starts 300 ms into a second: the write, the pass and the rewrite fall within
+    // that second (a try that straddles two is run again), and the pass starts well after
+    // the whole-second ctime, out of reach of the 50 ms window that finer timestamps get.
+    for round in 0..5u8 {
+        assert!(wait_for(Duration::from_secs(2), || (300..400)
+            .contains(&now_subsec())));
+        let before = format!("round {round}: AAAAAAAAAAAAAAAA");
+        let after = format!("round {round}: BBBBBBBBBBBBBBBB");
+        write(&f, before.as_bytes());
+        set_mtime(&f, 1_600_000_000, 0);
+        let token = ctime(&f);
+        env.mirror_ok(&[]);
+        write(&f, after.as_bytes());
+        set_mtime(&f, 1_600_000_000, 0);
+        if ctime(&f) != token {
+            continue;
+        }
+        assert_eq!(token.1, 0, "128-byte inodes keep whole seconds");
+        env.mirror_ok(&[]);
+        assert_eq!(
+            fs::read(env.rep.join("same.txt")).expect("read"),
+            after.as_bytes(),
+            "an edit that left the stat token unchanged was missed"
+        );
+        return;
+    }
+    panic!("no try kept the rewrite within the same second as the pass");
+}
+
 #[test]
 fn same_size_same_mtime_edit_is_copied_despite_the_cache() {
     let env = Env::new();
     gen_tree(&env.src, 42, 60);
     write(&env.src.join("docs/report.txt"), b"quarterly numbers: 1234");
     set_mtime(&env.src.join("docs/report.txt"), 1_600_000_000, 5);
-    let_tree_age_past_racy_window();
+    let_source_age_past_racy_window(&env.src);
     env.mirror_ok(&[]);
 
     same_size_same_mtime_edit(&env.src.join("docs/report.txt"));
@@ -110,7 +208,7 @@ fn corrupt_cache_database_is_rebuilt_with_a_warning() {
     let env = Env::new();
     gen_tree(&env.src, 43, 80);
     write(&env.src.join("docs/a.txt"), b"0123456789");
-    let_tree_age_past_racy_window();
+    let_source_age_past_racy_window(&env.src);
     env.mirror_ok(&[]);
     let db = env.state.join("default.cache.redb");
     assert!(db.is_file(), "no cache database at {}", db.display());
@@ -143,7 +241,7 @@ fn cache_of_another_source_and_replica_is_not_trusted() {
     let env = Env::new();
     gen_tree(&env.src, 44, 80);
     write(&env.src.join("docs/b.txt"), b"bee bee bee");
-    let_tree_age_past_racy_window();
+    let_source_age_past_racy_window(&env.src);
     env.mirror_ok(&[]);
     let files = regular_files(&env.src);
 
@@ -180,7 +278,7 @@ fn replica_drift_is_restored_and_logged() {
     let env = Env::new();
     gen_tree(&env.src, 45, 60);
     write(&env.src.join("etc/config.ini"), b"[core]\nmode = safe\n");
-    let_tree_age_past_racy_window();
+    let_source_age_past_racy_window(&env.src);
     env.mirror_ok(&[]);
 
     // Someone edits the replica behind syncer's back, keeping size and mtime.
@@ -210,7 +308,7 @@ fn replica_drift_is_restored_and_logged() {
 fn checksum_rehashes_every_file_on_both_sides() {
     let env = Env::new();
     gen_tree(&env.src, 46, 100);
-    let_tree_age_past_racy_window();
+    let_source_age_past_racy_window(&env.src);
     env.mirror_ok(&[]);
     let files = regular_files(&env.src);
     let bytes: u64 = walkdir::WalkDir::new(&env.src)

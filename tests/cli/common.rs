@@ -401,15 +401,72 @@ pub struct Mount(PathBuf);
 
 impl Mount {
     pub fn tmpfs(dir: &Path, size: &str) -> Mount {
+        Mount::with(
+            dir,
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+        )
+    }
+
+    /// `mount ARGS DIR`.
+    pub fn with(dir: &Path, args: &[&str]) -> Mount {
         fs::create_dir_all(dir).expect("mkdir mount point");
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(args)
             .arg(dir)
             .status()
             .expect("mount");
-        assert!(st.success(), "mount -t tmpfs failed (tests run as root)");
+        assert!(st.success(), "mount {args:?} failed (tests run as root)");
         Mount(dir.to_path_buf())
     }
+
+    /// A fresh ext4 filesystem of `size` in the image file `image`, loop-mounted at `dir`, made
+    /// with `mkfs_args` (e.g. `-I 128`).
+    pub fn ext4_image(image: &Path, size: &str, mkfs_args: &[&str], dir: &Path) -> Mount {
+        let st = Command::new("truncate")
+            .args(["-s", size])
+            .arg(image)
+            .status()
+            .expect("truncate");
+        assert!(st.success(), "truncate -s {size} failed");
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .args(mkfs_args)
+            .arg(image)
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs)");
+        assert!(out.status.success(), "mkfs.ext4 failed: {}", text(&out));
+        let image = image.to_str().expect("utf-8 image path");
+        Mount::with(dir, &["-o", "loop", image])
+    }
+}
+
+/// Whether syncer gives the filesystem at `path` the narrow racy window (its type is ext2/3/4,
+/// xfs, btrfs or tmpfs: `statfs`'s magic number, as `stat -f` prints it).
+pub fn fine_timestamps(path: &Path) -> bool {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%t"])
+        .arg(path)
+        .output()
+        .expect("stat -f");
+    let magic = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ["ef53", "58465342", "9123683e", "1021994"].contains(&magic.as_str())
+}
+
+/// How long a freshly written source must age before a pass can vouch for its files (their
+/// ctimes out of syncer's racy window, with a margin): 200 ms where the window is 50 ms, on
+/// ext2/3/4, xfs, btrfs and tmpfs; 3.1 s on any other filesystem, where it is 3 s.
+pub fn racy_margin(src: &Path) -> Duration {
+    if fine_timestamps(src) {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_millis(3100)
+    }
+}
+
+/// Lets the files just written under `src` age past syncer's racy window (see `racy_margin`),
+/// so that the next pass records tokens the pass after it can trust.
+pub fn let_source_age_past_racy_window(src: &Path) {
+    std::thread::sleep(racy_margin(src));
 }
 
 impl Drop for Mount {

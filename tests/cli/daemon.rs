@@ -505,6 +505,64 @@ fn stop_ends_the_daemon_removes_its_pid_file_and_is_idempotent() {
     );
 }
 
+/// The PID file is a plain one: the pid in decimal and a newline, so `kill $(cat FILE)`,
+/// monitoring scripts and systemd's `PIDFile=` can use it; `stop` still works, and removes it
+/// together with the start file beside it.
+#[test]
+fn pid_file_holds_the_pid_alone_and_kill_reaches_the_daemon_through_it() {
+    let jobs = Jobs::new();
+    small_tree(&jobs.env.src, 3);
+    let pid = jobs.start("rep", &["--interval", "1h"]);
+    let pid_file = jobs.env.state.join("default.pid");
+    let content = fs::read_to_string(&pid_file).expect("PID file");
+    let digits = content.strip_suffix('\n').unwrap_or("");
+    assert!(
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+        "the PID file is not '<pid>\\n': {content:?}"
+    );
+    assert_eq!(digits, pid.to_string());
+
+    let sh = |script: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(&pid_file)
+            .output()
+            .expect("sh")
+    };
+    let out = sh(r#"kill -0 $(cat "$1")"#);
+    assert_eq!(code(&out), 0, "kill -0 $(cat pidfile):\n{}", text(&out));
+    // The README's logrotate line.
+    assert!(
+        wait_for(DEADLINE, || jobs.schedule_log().contains("NEXT PASS")),
+        "first pass never finished:\n{}",
+        jobs.schedule_log()
+    );
+    let out = sh(r#"kill -HUP $(cat "$1")"#);
+    assert_eq!(code(&out), 0, "kill -HUP $(cat pidfile):\n{}", text(&out));
+    assert!(
+        wait_for(DEADLINE, || jobs.schedule_log().contains("LOGS REOPENED")),
+        "no LOGS REOPENED after kill -HUP $(cat pidfile):\n{}",
+        jobs.schedule_log()
+    );
+
+    let out = jobs.run(&["stop", "--state-dir", "state"]);
+    assert_eq!(code(&out), 0, "stop:\n{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("stopped job 'default' (pid {pid})")),
+        "{}",
+        text(&out)
+    );
+    assert!(wait_gone(pid), "pid {pid} still alive after stop");
+    assert!(!pid_file.exists(), "PID file left behind");
+    assert!(
+        !jobs.env.state.join("default.start").exists(),
+        "start file left behind"
+    );
+}
+
 #[test]
 fn stop_all_stops_every_job_of_the_state_dir() {
     let jobs = Jobs::new();

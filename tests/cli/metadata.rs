@@ -146,7 +146,7 @@ fn xattr_dump(path: &Path) -> String {
 /// Once the source is past the racy window and one pass later, an idle pass reads no file
 /// content and changes nothing.
 fn assert_settled_idle_pass_does_nothing(env: &Env) {
-    std::thread::sleep(Duration::from_millis(3100));
+    let_source_age_past_racy_window(&env.src);
     env.mirror_ok(&[]);
     let before = env.io_log();
     env.mirror_ok(&[]);

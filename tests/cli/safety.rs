@@ -435,6 +435,66 @@ fn backup_dir_inside_the_replica_needs_an_exclude() {
     );
 }
 
+/// An exclude pattern that does not compile (an unclosed `[`) is a usage error: exit 2, one
+/// line naming the pattern, and nothing changed or created, whether it comes from
+/// `--exclude`, from `--exclude-from`, or is given to `start`.
+#[test]
+fn an_exclude_pattern_that_does_not_compile_exits_2_naming_it() {
+    let env = Env::new();
+    write(&env.src.join("a.txt"), b"version 1");
+    let rules = env.path("rules.txt");
+    write(&rules, b"*.tmp\n[\n");
+    let assert_refused = |out: &std::process::Output| {
+        assert_eq!(code(out), 2, "{}", text(out));
+        let err = stderr(out);
+        assert_eq!(err.lines().count(), 1, "one line:\n{err}");
+        assert!(
+            err.starts_with("syncer: invalid exclude pattern '[': "),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "{}", text(out));
+    };
+
+    assert_refused(&env.monoshot(&["--exclude", "["]));
+    assert!(!env.rep.exists(), "a rejected command created the replica");
+    env.mirror_ok(&[]);
+    write(&env.src.join("a.txt"), b"version 2!");
+    let before = snapshot(&env.rep);
+    let rules_arg = rules.to_str().expect("utf8");
+    for args in [&["--exclude", "["][..], &["--exclude-from", rules_arg]] {
+        assert_refused(&env.monoshot(args));
+        assert_eq!(
+            snapshot(&env.rep),
+            before,
+            "a rejected command changed the replica"
+        );
+    }
+    let out = env
+        .command("start")
+        .args(["--interval", "1h", "--exclude", "["])
+        .output()
+        .expect("run syncer");
+    assert_refused(&out);
+    assert!(
+        !env.state.join("default.pid").exists(),
+        "a daemon was started"
+    );
+    assert_eq!(snapshot(&env.rep), before);
+
+    // Escaped, the bracket is a literal name.
+    write(&env.src.join("["), b"a file named [");
+    let out = env.monoshot(&["--exclude", "\\["]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        !env.rep.join("[").exists(),
+        "'\\[' should exclude the file '['"
+    );
+    assert_eq!(
+        fs::read(env.rep.join("a.txt")).expect("read"),
+        b"version 2!"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Atomic installs: concurrent writers, crashes, full disks
 
