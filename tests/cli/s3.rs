@@ -208,7 +208,13 @@ fn keys(s: &Server, prefix: &str) -> Vec<String> {
 
 /// The `requests …` part of the last PASS END line: (list, head, get, put, delete).
 fn requests(env: &Env) -> (u64, u64, u64, u64, u64) {
-    let log = env.schedule_log();
+    requests_of(env, "default")
+}
+
+/// The same, for the job `name`.
+fn requests_of(env: &Env, name: &str) -> (u64, u64, u64, u64, u64) {
+    let log =
+        fs::read_to_string(env.state.join(format!("{name}.schedule.log"))).unwrap_or_default();
     let line = log
         .lines()
         .rev()
@@ -504,4 +510,84 @@ fn a_pass_killed_mid_upload_leaves_no_partial_object_and_the_next_converges() {
     job.ok(&[]);
     let cat = rclone(s, &["cat", &format!("X:{BUCKET}/killed/big.bin")]);
     assert!(cat.stdout == content, "the object differs from the source");
+}
+
+/// `syncer monoshot --source s3://… --replica DIR`: a restore.
+fn restore(s: &Server, env: &Env, prefix: &str, into: &Path) -> Output {
+    let mut c = syncer();
+    aws_env(&mut c)
+        .arg("monoshot")
+        .arg("--source")
+        .arg(format!("s3://{BUCKET}/{prefix}"))
+        .arg("--replica")
+        .arg(into)
+        .args(["--s3-endpoint", &s.endpoint, "--name", "restore"])
+        .arg("--state-dir")
+        .arg(&env.state);
+    c.output().expect("run syncer")
+}
+
+#[test]
+fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
+    let Some(s) = server() else { return };
+    let job = Job::new(s, "restore");
+    fill(&job.env.src);
+    write(&job.env.src.join("big.img"), &Rng::new(4).bytes(17 << 20));
+    std::os::unix::fs::chown(job.env.src.join("d1/f7.bin"), Some(1234), Some(4321)).expect("chown");
+    chmod(&job.env.src.join("d2"), 0o750);
+    set_mtime(&job.env.src.join("empty"), 1_500_000_000, 42);
+    job.ok(&[]);
+
+    let into = job.env.path("restored");
+    let out = restore(s, &job.env, "restore", &into);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // Content, modes, mtimes, owners, symlinks, empty directories and exact name bytes.
+    assert_rsync_agrees(&job.env.src, &into);
+    assert_trees_equal(&job.env.src, &into);
+
+    // A restore again: nothing to do, and no object is read.
+    let out = restore(s, &job.env, "restore", &into);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let (_, _, get, put, _) = requests_of(&job.env, "restore");
+    assert_eq!((get, put), (0, 0));
+
+    // An object whose bytes no longer match the sha256 stored with it is not restored.
+    let forged = job.env.path("forged");
+    fs::write(&forged, b"forged bytes").expect("write");
+    let stored = {
+        let out = rclone(
+            s,
+            &["lsjson", "-M", &format!("X:{BUCKET}/restore/d0/f3.bin")],
+        );
+        let t = String::from_utf8_lossy(&out.stdout).to_string();
+        let at = t.find("\"sha256\":\"").expect("sha256 metadata") + 10;
+        t[at..at + 64].to_string()
+    };
+    rclone(
+        s,
+        &[
+            "copyto",
+            "--metadata",
+            "--metadata-set",
+            &format!("sha256={stored}"),
+            forged.to_str().expect("utf-8"),
+            &format!("X:{BUCKET}/restore/d0/f3.bin"),
+        ],
+    );
+    let again = job.env.path("restored-2");
+    let out = restore(s, &job.env, "restore", &again);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("d0/f3.bin") && stderr(&out).contains("sha256"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !again.join("d0/f3.bin").exists(),
+        "a forged file was restored"
+    );
+    assert_eq!(
+        fs::read(again.join("d0/f6.bin")).expect("read"),
+        fs::read(job.env.src.join("d0/f6.bin")).expect("read")
+    );
 }
