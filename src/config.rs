@@ -267,10 +267,9 @@ impl Config {
                     "--backup-dir is not supported with an s3:// source yet".into(),
                 ))
             }
-            Some(_) if s3.is_some() => {
-                return Err(Error::Usage(
-                    "--backup-dir is not supported with an s3:// replica yet".into(),
-                ))
+            Some(p) if s3.is_some() => {
+                let (rep, _) = s3.as_ref().expect("checked");
+                Some(check_s3_backup(p, rep)?)
             }
             Some(p) => Some(check_backup(
                 &absolute(p, &cwd),
@@ -331,6 +330,37 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `--backup-dir` of an `s3://` replica: another prefix of the same bucket (objects are kept
+/// by server-side copy), neither inside the replica's prefix nor containing it.
+fn check_s3_backup(path: &Path, rep: &crate::replica::s3::Target) -> Result<PathBuf> {
+    let b = match crate::replica::s3::Target::parse(path.as_os_str()) {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return Err(Error::Usage(e)),
+        None => {
+            return Err(Error::Usage(format!(
+                "--backup-dir '{}' must be an s3:// prefix in the replica's bucket",
+                show(path)
+            )))
+        }
+    };
+    if b.bucket != rep.bucket {
+        return Err(Error::Usage(format!(
+            "--backup-dir '{}' must be in the replica's bucket '{}' (objects are kept by server-side copy)",
+            b.url(),
+            rep.bucket
+        )));
+    }
+    let inside = |a: &str, b: &str| a == b || b.is_empty() || a.starts_with(&format!("{b}/"));
+    if inside(&b.prefix, &rep.prefix) || inside(&rep.prefix, &b.prefix) {
+        return Err(Error::Usage(format!(
+            "--backup-dir '{}' cannot be inside the replica '{}' or contain it",
+            b.url(),
+            rep.url()
+        )));
+    }
+    Ok(PathBuf::from(b.url()))
 }
 
 fn check_source(path: &Path) -> Result<PathBuf> {

@@ -232,6 +232,8 @@ impl std::fmt::Display for Requests {
 pub struct S3Replica {
     /// Dropped before the runtime (see `Drop`).
     op: Option<Operator>,
+    /// With `--backup-dir`: an operator on the whole bucket, and this pass's backup prefix.
+    backup: Option<(Operator, String)>,
     rt: Option<tokio::runtime::Runtime>,
     target: Target,
     /// Directory → its children, from the one listing made when the replica was opened.
@@ -310,12 +312,30 @@ impl S3Replica {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let op = {
+        let (op, backup) = {
             let _guard = rt.enter();
-            build_operator(target, endpoint).map_err(other)?
+            let op = build_operator(target, endpoint).map_err(other)?;
+            let backup = match &opts.backup {
+                None => None,
+                Some(path) => {
+                    let b = Target::parse(path.as_os_str())
+                        .and_then(Result::ok)
+                        .filter(|b| b.bucket == target.bucket)
+                        .ok_or_else(|| {
+                            io::Error::other("--backup-dir must be in the replica's bucket")
+                        })?;
+                    let whole = Target {
+                        bucket: target.bucket.clone(),
+                        prefix: String::new(),
+                    };
+                    Some((build_operator(&whole, endpoint).map_err(other)?, b.prefix))
+                }
+            };
+            (op, backup)
         };
         let mut me = S3Replica {
             op: Some(op),
+            backup,
             rt: Some(rt),
             target: target.clone(),
             tree: BTreeMap::new(),
@@ -1092,11 +1112,41 @@ impl Replica for S3Replica {
         ))
     }
 
-    fn backup(&self, _rel: &RelPath, _keep: bool) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "--backup-dir is not supported for an s3:// replica yet",
-        ))
+    /// Keeps the objects of `rel` (everything below it, for a directory) under the pass's
+    /// backup prefix by server-side copy; then, unless `keep`, removes them. An existing
+    /// backup object is never replaced.
+    fn backup(&self, rel: &RelPath, keep: bool) -> io::Result<()> {
+        let (whole, prefix) = self
+            .backup
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no --backup-dir"))?;
+        let l = self.listed(rel).ok_or(io::ErrorKind::NotFound)?;
+        let mut keys = vec![l.key.clone()];
+        if l.kind == Kind::Dir {
+            keys.extend(self.keys_below(rel));
+        }
+        let here = |k: &str| match self.target.prefix.is_empty() {
+            true => k.to_string(),
+            false => format!("{}/{k}", self.target.prefix),
+        };
+        keys.par_iter()
+            .filter(|k| !k.ends_with('/'))
+            .try_for_each(|k| -> io::Result<()> {
+                let to = format!("{prefix}/{k}");
+                self.requests.head.fetch_add(1, Ordering::Relaxed);
+                match self.block(whole.stat(&to)) {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == opendal::ErrorKind::NotFound => {}
+                    Err(e) => return Err(other(e)),
+                }
+                self.requests.put.fetch_add(1, Ordering::Relaxed);
+                self.block(whole.copy(&here(k), &to)).map_err(other)?;
+                Ok(())
+            })?;
+        if !keep {
+            self.remove(rel, l.kind)?;
+        }
+        Ok(())
     }
 
     fn commit(&self) -> io::Result<()> {

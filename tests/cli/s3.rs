@@ -591,3 +591,84 @@ fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
         fs::read(job.env.src.join("d0/f6.bin")).expect("read")
     );
 }
+
+#[test]
+fn backup_dir_keeps_overwritten_and_deleted_objects_by_server_side_copy() {
+    let Some(s) = server() else { return };
+    let job = Job::new(s, "kept/live");
+    fill(&job.env.src);
+    job.ok(&[]);
+    let old_f3 = fs::read(job.env.src.join("d0/f3.bin")).expect("read");
+    let old_f5 = fs::read(job.env.src.join("d2/f5.bin")).expect("read");
+    write(&job.env.src.join("d0/f3.bin"), b"replaced");
+    fs::remove_file(job.env.src.join("d2/f5.bin")).expect("rm");
+    let backup = format!("s3://{BUCKET}/kept/old");
+    job.ok(&["--backup-dir", &backup]);
+    let log = job.env.io_log();
+    assert!(log.contains("BACKUP d0/f3.bin"), "{log}");
+    assert!(log.contains("BACKUP d2/f5.bin"), "{log}");
+    let kept = keys(s, "kept/old");
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let find = |suffix: &str| {
+        let k = kept.iter().find(|k| k.ends_with(suffix)).expect(suffix);
+        rclone(s, &["cat", &format!("X:{BUCKET}/kept/old/{k}")]).stdout
+    };
+    assert_eq!(find("d0/f3.bin"), old_f3);
+    assert_eq!(find("d2/f5.bin"), old_f5);
+    assert!(!keys(s, "kept/live").contains(&"d2/f5.bin".to_string()));
+
+    // A backup prefix inside the replica's, or in another bucket, is refused up front.
+    for bad in [
+        format!("s3://{BUCKET}/kept/live/b"),
+        "s3://other/x".to_string(),
+    ] {
+        let out = job.run(&["--backup-dir", &bad]);
+        assert_eq!(code(&out), 2, "{}", text(&out));
+    }
+}
+
+#[test]
+fn dry_run_writes_nothing_and_a_daemon_mirrors_into_the_bucket() {
+    let Some(s) = server() else { return };
+    let job = Job::new(s, "daemon");
+    fill(&job.env.src);
+    let out = job.run(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("would CREATE d0/f0.bin"));
+    assert!(
+        keys(s, "daemon").is_empty(),
+        "a dry run wrote to the bucket"
+    );
+
+    let mut start = s3_command(&s.endpoint, "start", &job.env, "daemon");
+    let out = start.args(["--interval", "1s"]).output().expect("start");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let stop = || {
+        let mut c = syncer();
+        c.arg("stop").arg("--state-dir").arg(&job.env.state);
+        c.output().expect("stop")
+    };
+    let listed = wait_for(Duration::from_secs(30), || {
+        keys(s, "daemon").contains(&"d0/deeper/x.txt".to_string())
+    });
+    // Then a change in the source reaches the bucket at a later pass.
+    write(&job.env.src.join("later.txt"), b"later");
+    let followed = wait_for(Duration::from_secs(30), || {
+        keys(s, "daemon").contains(&"later.txt".to_string())
+    });
+    let status = {
+        let mut c = syncer();
+        c.args(["status", "--json", "--state-dir"])
+            .arg(&job.env.state);
+        c.output().expect("status")
+    };
+    let out = stop();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        listed && followed,
+        "the daemon did not mirror into the bucket"
+    );
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(status.contains("s3://mirror/daemon"), "{status}");
+    assert!(status.contains("\"requests\""), "{status}");
+}
