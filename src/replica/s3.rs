@@ -808,8 +808,12 @@ fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Opera
     }
     opendal::install_default();
     let op = Operator::new(b)?.layer(
+        // Throttling (503 SlowDown), 5xx and cut connections: 5 retries, backing off
+        // exponentially from 250 ms (with jitter), about 8 s in all.
         opendal::layers::RetryLayer::new()
-            .with_max_times(4)
+            .with_max_times(5)
+            .with_min_delay(std::time::Duration::from_millis(250))
+            .with_max_delay(std::time::Duration::from_secs(8))
             .with_jitter(),
     );
     Ok(op)
