@@ -590,6 +590,17 @@ fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
         fs::read(again.join("d0/f6.bin")).expect("read"),
         fs::read(job.env.src.join("d0/f6.bin")).expect("read")
     );
+
+    // An empty prefix (a typo, a bucket not yet filled) is no source: exit 2, nothing made.
+    let none = job.env.path("from-nothing");
+    let out = restore(s, &job.env, "no-such-prefix", &none);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("s3://mirror/no-such-prefix"),
+        "{}",
+        text(&out)
+    );
+    assert!(!none.exists());
 }
 
 #[test]
