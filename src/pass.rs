@@ -180,6 +180,7 @@ impl<'a> Pass<'a> {
             hard_links: cfg.hard_links,
             endpoint: cfg.s3.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
             index: Some(cfg.state_dir.join(format!("{}.s3index.redb", cfg.name))),
+            checksum: cfg.checksum,
         };
         let replica = replica::open(&cfg.replica, opts).map_err(|e| {
             format!(

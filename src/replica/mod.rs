@@ -241,6 +241,9 @@ pub struct Options {
     pub endpoint: s3::Endpoint,
     /// An object store's local index of what syncer wrote (beside the state).
     pub index: Option<PathBuf>,
+    /// `--checksum`: an object store's stored hashes are read from the objects themselves
+    /// (one HEAD each), not from the local index.
+    pub checksum: bool,
 }
 
 /// Opens the replica at `path` (a directory, or an `s3://` address) for one pass.

@@ -248,6 +248,8 @@ pub struct S3Replica {
     deletes: Mutex<Vec<String>>,
     pub requests: Arc<Requests>,
     dry: bool,
+    /// `--checksum`: stored hashes come from a HEAD of each object, not from the index.
+    checksum: bool,
 }
 
 fn other(e: opendal::Error) -> io::Error {
@@ -347,6 +349,7 @@ impl S3Replica {
             deletes: Mutex::new(Vec::new()),
             requests: Arc::new(Requests::default()),
             dry: !opts.create,
+            checksum: opts.checksum,
         };
         if let Some(path) = index {
             me.index = Some(open_index(path, &target.url())?);
@@ -689,11 +692,15 @@ impl S3Replica {
     }
 
     fn set_dir_attrs(&self, rel: &RelPath, meta: &Meta) {
-        self.dirs
+        let attrs = DirAttrs::of(meta);
+        let old = self
+            .dirs
             .lock()
             .expect("dirs")
-            .insert(rel.as_bytes().to_vec(), DirAttrs::of(meta));
-        *self.dirs_changed.lock().expect("dirs") = true;
+            .insert(rel.as_bytes().to_vec(), attrs);
+        if old != Some(attrs) {
+            *self.dirs_changed.lock().expect("dirs") = true;
+        }
     }
 }
 
@@ -949,7 +956,14 @@ impl Replica for S3Replica {
     /// unknown, so it is replaced.
     fn hash(&self, rel: &RelPath, _counters: &HashCounters) -> io::Result<(Hash, Version)> {
         let l = self.listed(rel).ok_or(io::ErrorKind::NotFound)?;
-        let (_, known) = self.resolve(l)?;
+        let known = match self.checksum {
+            true => {
+                let k = self.head(&l.key, l.kind)?;
+                self.index_put(&l.key, Some(k.clone()));
+                k
+            }
+            false => self.resolve(l)?.1,
+        };
         let version = Self::version(&known.etag, l.size);
         match known.sha256 {
             Some(h) => Ok((Hash(h), version)),

@@ -486,6 +486,21 @@ fn bad_credentials_and_a_missing_bucket_exit_2_naming_the_url() {
     let err = stderr(&out);
     assert!(err.contains("s3://no-such-bucket/x"), "{err}");
     assert!(err.contains("NoSuchBucket"), "{err}");
+
+    // Nothing listening: after the retries, exit 2 naming the URL and the cause.
+    let closed = free_port();
+    let env = Env::new();
+    write(&env.src.join("f"), b"f");
+    let out = s3_command(&format!("http://127.0.0.1:{closed}"), "monoshot", &env, "x")
+        .output()
+        .expect("run");
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("s3://mirror/x") && err.contains("onnection refused"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
 
 #[test]
@@ -789,4 +804,42 @@ fn connections_cut_mid_upload_are_retried_and_a_lasting_fault_leaves_no_partial_
         rclone(s, &["cat", &format!("X:{BUCKET}/flaky/b.bin")]).stdout,
         fs::read(env.src.join("b.bin")).expect("read")
     );
+}
+
+#[test]
+fn checksum_compares_the_source_with_the_sha256_stored_in_each_object() {
+    let Some(s) = server() else { return };
+    let job = Job::new(s, "scrub");
+    fill(&job.env.src);
+    job.ok(&[]);
+    // The same bytes (so the same ETag) with a wrong stored sha256: invisible to a normal
+    // pass, which trusts its index for an unchanged ETag.
+    let key = format!("X:{BUCKET}/scrub/d0/f0.bin");
+    rclone(
+        s,
+        &[
+            "copyto",
+            "--ignore-times",
+            "--metadata",
+            "--metadata-set",
+            &format!("sha256={}", "0".repeat(64)),
+            job.env.src.join("d0/f0.bin").to_str().expect("utf-8"),
+            &key,
+        ],
+    );
+    let before = job.env.io_log();
+    job.ok(&[]);
+    assert_eq!(job.env.io_log(), before);
+    // --checksum re-hashes the source and reads each stored sha256 (HEADs, no GET).
+    job.ok(&["--checksum"]);
+    let log = job.env.io_log()[before.len()..].to_string();
+    assert!(log.contains(" d0/f0.bin"), "{log}");
+    assert_eq!(
+        log.lines().filter(|l| l.contains("sha256=")).count(),
+        1,
+        "{log}"
+    );
+    let (_, head, get, put, _) = requests(&job.env);
+    assert!(head >= 30, "one HEAD per object: {head}");
+    assert_eq!((get, put), (0, 1));
 }
