@@ -80,6 +80,9 @@ fn glob_error(e: &ignore::Error) -> String {
     }
 }
 
+/// Default worker threads with an `s3://` replica or source: requests in flight.
+pub const S3_THREADS: usize = 16;
+
 pub struct Config {
     /// Job name (`--name`, default `default`); names the PID, status, cache and log files.
     pub name: String,
@@ -281,6 +284,8 @@ impl Config {
         let threads = match args.threads {
             Some(0) => return Err(Error::Usage("--threads must be at least 1".into())),
             Some(n) => n,
+            // An object store is reached over the network: requests wait, not cores.
+            None if s3.is_some() || source_s3.is_some() => S3_THREADS,
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         };
         let verbosity = if args.quiet {
