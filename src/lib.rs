@@ -28,3 +28,4 @@ pub mod scan;
 pub mod source;
 pub mod state;
 pub mod term;
+pub mod watch;
