@@ -118,9 +118,19 @@ pub struct SyncArgs {
 pub struct StartArgs {
     #[command(flatten)]
     pub sync: SyncArgs,
-    /// Time between pass starts: 30s, 5m, 1h...
-    #[arg(long, short = 'i', value_name = "DURATION")]
-    pub interval: String,
+    /// Time between pass starts: 30s, 5m, 1h... With --watch: the period of the full pass
+    /// that backs up the watcher [default with --watch: 1h].
+    #[arg(
+        long,
+        short = 'i',
+        value_name = "DURATION",
+        required_unless_present = "watch"
+    )]
+    pub interval: Option<String>,
+    /// Watch the source with inotify: a change reaches the replica in under a second, by a
+    /// partial pass over the directories that changed.
+    #[arg(long, short = 'w')]
+    pub watch: bool,
     /// Do not fork: run the loop in this process (systemd Type=simple, containers).
     #[arg(long)]
     pub foreground: bool,

@@ -119,6 +119,8 @@ pub struct Config {
     pub interval: Option<Duration>,
     /// An `s3://` replica: where it is and how to reach it.
     pub s3: Option<(crate::replica::s3::Target, crate::replica::s3::Endpoint)>,
+    /// `start --watch`: inotify on the source, partial passes.
+    pub watch: bool,
     /// An `s3://` source (a restore from a bucket).
     pub source_s3: Option<(crate::replica::s3::Target, crate::replica::s3::Endpoint)>,
 }
@@ -320,6 +322,7 @@ impl Config {
             interval,
             s3,
             source_s3,
+            watch: false,
         })
     }
 

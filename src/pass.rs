@@ -42,11 +42,32 @@ const FINE_RACY_WINDOW_NS: i64 = 50_000_000;
 pub struct Outcome {
     pub record: PassRecord,
     pub exit: ExitCode,
+    /// Replica entries the scan saw (a full pass: the whole replica).
+    pub replica_entries: u64,
 }
 
 /// Runs one pass. `progress`: show a progress bar (the caller checked for a TTY).
 pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
     Pass::new(cfg, cache).run(progress)
+}
+
+/// Watch mode's view of a pass: the watcher (every listed source directory is watched
+/// first) and, for a partial pass, the dirty set and the size of the whole replica (so the
+/// deletion guard judges the whole replica, not the part walked).
+pub struct Watching<'a> {
+    pub watcher: &'a crate::watch::Watcher,
+    pub partial: Option<(crate::watch::dirty::DirtySet, u64)>,
+}
+
+/// Runs a pass in watch mode.
+pub fn run_watching(cfg: &Config, cache: &Cache, progress: bool, w: Watching<'_>) -> Outcome {
+    let mut pass = Pass::new(cfg, cache);
+    pass.watcher = Some(w.watcher);
+    if let Some((dirty, whole)) = w.partial {
+        pass.scope = Some(dirty);
+        pass.whole_replica = whole;
+    }
+    pass.run(progress)
 }
 
 /// The two trees, opened for this pass.
@@ -71,6 +92,12 @@ struct Pass<'a> {
     record: PassRecord,
     /// An object-store replica's request counters, read when the pass ends.
     requests: Option<std::sync::Arc<crate::replica::s3::Requests>>,
+    watcher: Option<&'a crate::watch::Watcher>,
+    /// A partial pass: what is dirty.
+    scope: Option<crate::watch::dirty::DirtySet>,
+    /// A partial pass: replica entries at the last full pass.
+    whole_replica: u64,
+    replica_entries: u64,
 }
 
 impl<'a> Pass<'a> {
@@ -90,6 +117,10 @@ impl<'a> Pass<'a> {
                 ..PassRecord::default()
             },
             requests: None,
+            watcher: None,
+            scope: None,
+            whole_replica: 0,
+            replica_entries: 0,
         }
     }
 
@@ -108,9 +139,14 @@ impl<'a> Pass<'a> {
                 return self.end("failed", ExitCode::Usage, Some(msg));
             }
         };
-        let scanned = self.scan(&trees);
+        let mut scanned = self.scan(&trees);
         if cancel::requested() {
             return self.interrupted();
+        }
+        self.replica_entries = scanned.plan.replica_entries;
+        if self.scope.is_some() {
+            // A partial pass saw only part of the replica; the guard judges all of it.
+            scanned.plan.replica_entries = scanned.plan.replica_entries.max(self.whole_replica);
         }
         if let Err(why) = cfg.guard.check(&scanned.plan) {
             log::error!("{why}");
@@ -232,6 +268,8 @@ impl<'a> Pass<'a> {
             recall: &snapshot,
             one_fs_dev: self.cfg.one_file_system.then_some(trees.src_dev),
             hard_links: trees.replica.capabilities().hard_links,
+            watch: self.watcher,
+            scope: self.scope.as_ref().filter(|d| !d.all),
         };
         let mut scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
         scanned.relinked = scanned.plan.resolve_links();
@@ -363,6 +401,7 @@ impl<'a> Pass<'a> {
         Outcome {
             record: self.record.clone(),
             exit,
+            replica_entries: self.replica_entries,
         }
     }
 
@@ -383,6 +422,7 @@ impl<'a> Pass<'a> {
         summary(Outcome {
             record: self.record,
             exit,
+            replica_entries: self.replica_entries,
         })
     }
 }

@@ -63,6 +63,8 @@ impl Harness {
         let counters = HashCounters::default();
         let excludes = Excludes::new(Vec::new()).expect("no patterns");
         let ctx = Ctx {
+            watch: None,
+            scope: None,
             compare: Compare {
                 source: &self.src,
                 replica: &self.rep,

@@ -32,6 +32,10 @@ pub struct Ctx<'a> {
     pub one_fs_dev: Option<u64>,
     /// Mirror hard links: files with several names are noted for `Plan::resolve_links`.
     pub hard_links: bool,
+    /// Watch mode: each source directory is watched before it is listed.
+    pub watch: Option<&'a crate::watch::Watcher>,
+    /// A partial pass: only the dirty directories (and what leads to them) are walked.
+    pub scope: Option<&'a crate::watch::dirty::DirtySet>,
 }
 
 /// How a directory's cache record must change after the pass, as far as the scan knows:
@@ -98,6 +102,9 @@ fn walk(
         return out;
     }
     let cx = &ctx.compare;
+    if let (Some(w), Some(_)) = (ctx.watch, src) {
+        w.watch(rel);
+    }
     let src_entries = match src {
         None => Vec::new(),
         Some(_) => match cx.source.list(rel) {
@@ -304,6 +311,14 @@ fn decide(
                                 },
                             });
                         }
+                    }
+                    Kind::Dir
+                        if ctx
+                            .scope
+                            .is_some_and(|d| d.scope(&rel) == crate::watch::dirty::Scope::Skip) =>
+                    {
+                        // Outside a partial pass's dirty set: left as the cache knows it.
+                        c.cached = record.find(name.as_bytes()).cloned();
                     }
                     Kind::Dir => {
                         let known = vouched(ctx, record, &name, Kind::Dir, &s, &r);

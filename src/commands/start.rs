@@ -18,9 +18,16 @@ use crate::state::{self, lock};
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn run(args: &StartArgs) -> Result<ExitCode> {
-    let interval = humantime::parse_duration(&args.interval)
-        .map_err(|e| Error::Usage(format!("invalid --interval '{}': {e}", args.interval)))?;
-    let cfg = Config::from_args(&args.sync, Some(interval))?;
+    let text = args.interval.as_deref().unwrap_or("1h");
+    let interval = humantime::parse_duration(text)
+        .map_err(|e| Error::Usage(format!("invalid --interval '{text}': {e}")))?;
+    let mut cfg = Config::from_args(&args.sync, Some(interval))?;
+    cfg.watch = args.watch;
+    if cfg.watch && cfg.source_s3.is_some() {
+        return Err(Error::Usage(
+            "--watch needs a local source (an s3:// source cannot be watched)".into(),
+        ));
+    }
     fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| Error::io("create state directory", &cfg.state_dir, e))?;
     let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");

@@ -20,9 +20,9 @@ use crate::journal;
 use crate::model::show;
 use crate::pass;
 use crate::state::{self, lock, status};
+use crate::watch::Watcher;
 
 /// The longest the loop sleeps before looking at its signal flags again.
-const TICK: Duration = Duration::from_millis(50);
 
 /// The pid in a PID file's text: the pid in decimal and a newline. (A daemon started by an
 /// earlier version wrote `<pid> <nonce>`; its first word is still its pid.)
@@ -73,6 +73,12 @@ pub fn start_error(text: &str, nonce: &str) -> Option<(ExitCode, String)> {
     let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));
     let code = code.parse().ok().and_then(ExitCode::from_number)?;
     Some((code, msg.trim().to_string()))
+}
+
+fn watch_state(w: &Watcher, partial_passes: u64) -> crate::watch::WatchState {
+    let mut s = w.state();
+    s.partial_passes = partial_passes;
+    s
 }
 
 /// Runs the daemon loop until SIGTERM/SIGINT. `nonce` identifies this start to the parent.
@@ -174,16 +180,92 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
         return fail(cfg, nonce, foreground, ExitCode::Usage, &msg);
     }
 
+    // Signals also wake the loop: it blocks in poll, never in a sleep loop.
+    let (sig_rx, sig_tx) = match rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                cfg,
+                nonce,
+                foreground,
+                ExitCode::Usage,
+                &format!("could not make a pipe: {e}"),
+            )
+        }
+    };
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR1,
+    ] {
+        let registered = sig_tx
+            .try_clone()
+            .and_then(|fd| signal_hook::low_level::pipe::register(sig, fd));
+        if let Err(e) = registered {
+            return fail(
+                cfg,
+                nonce,
+                foreground,
+                ExitCode::Usage,
+                &format!("could not install signal handlers: {e}"),
+            );
+        }
+    }
+    let watcher = match cfg.watch {
+        false => None,
+        true => match Watcher::start(&cfg.source) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                return fail(
+                    cfg,
+                    nonce,
+                    foreground,
+                    ExitCode::Usage,
+                    &format!("could not watch '{}': {e}", show(&cfg.source)),
+                )
+            }
+        },
+    };
+    let progress = foreground && job::wants_progress(cfg);
     let mut next = Instant::now();
+    // Replica entries at the last full pass: the guard of a partial pass judges them all.
+    let mut whole_replica = 0u64;
+    let mut partial_passes = 0u64;
     while !cancel::requested() {
         if reopen.swap(false, Ordering::Relaxed) {
             journal::reopen();
             journal::schedule(format_args!("LOGS REOPENED"));
         }
         let pass_now = now.swap(false, Ordering::Relaxed);
-        if pass_now || Instant::now() >= next {
+        let dirty_due = watcher.as_ref().and_then(|w| {
+            let p = w.pending.lock().expect("pending");
+            p.due().map(|at| (at, p.dirty.all))
+        });
+        let lost = dirty_due.is_some_and(|(_, all)| all);
+        if pass_now || lost || Instant::now() >= next {
+            // A full pass (watches every directory again); what was dirty is covered.
+            if let Some(w) = &watcher {
+                w.take();
+            }
             let started = Instant::now();
-            let outcome = pass::run(cfg, &cache, foreground && job::wants_progress(cfg));
+            let outcome = match &watcher {
+                Some(w) => pass::run_watching(
+                    cfg,
+                    &cache,
+                    progress,
+                    pass::Watching {
+                        watcher: w,
+                        partial: None,
+                    },
+                ),
+                None => pass::run(cfg, &cache, progress),
+            };
+            if outcome.record.result != "failed" {
+                whole_replica = outcome.replica_entries;
+            }
             job::record_pass(&mut st, &outcome.record);
             next = (started + interval).max(Instant::now());
             if cancel::requested() {
@@ -193,14 +275,67 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
             let at = humantime::format_rfc3339_seconds(at).to_string();
             journal::schedule(format_args!("NEXT PASS {at}"));
             st.next_pass = Some(at);
+            st.watch = watcher.as_ref().map(|w| watch_state(w, partial_passes));
             if let Err(e) = status::write(&cfg.state_dir, &st) {
                 log::warn!("could not write the job status: {e}");
             }
+        } else if let (Some(w), Some((at, _))) = (&watcher, dirty_due) {
+            if Instant::now() >= at {
+                // The dirty set is taken before anything is listed: a change made during
+                // the pass lands in the next one.
+                let dirty = w.take();
+                journal::schedule(format_args!(
+                    "WATCH PASS {} dirty directories",
+                    dirty.dirs.len()
+                ));
+                let outcome = pass::run_watching(
+                    cfg,
+                    &cache,
+                    progress,
+                    pass::Watching {
+                        watcher: w,
+                        partial: Some((dirty, whole_replica)),
+                    },
+                );
+                partial_passes += 1;
+                job::record_pass(&mut st, &outcome.record);
+                st.watch = Some(watch_state(w, partial_passes));
+                if let Err(e) = status::write(&cfg.state_dir, &st) {
+                    log::warn!("could not write the job status: {e}");
+                }
+                continue;
+            }
         }
-        std::thread::sleep(
-            TICK.min(next.saturating_duration_since(Instant::now()))
-                .max(Duration::from_millis(1)),
-        );
+        // Block until a signal, a change in the source, a due partial pass or the next
+        // full pass.
+        let mut deadline = next;
+        if let Some(w) = &watcher {
+            if let Some(at) = w.pending.lock().expect("pending").due() {
+                deadline = deadline.min(at);
+            }
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let timeout = rustix::event::Timespec {
+            tv_sec: wait.as_secs() as i64,
+            tv_nsec: wait.subsec_nanos() as i64,
+        };
+        let mut fds = vec![rustix::event::PollFd::new(
+            &sig_rx,
+            rustix::event::PollFlags::IN,
+        )];
+        if let Some(w) = &watcher {
+            fds.push(rustix::event::PollFd::from_borrowed_fd(
+                w.wake_fd(),
+                rustix::event::PollFlags::IN,
+            ));
+        }
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
+        drop(fds);
+        let mut buf = [0u8; 64];
+        while matches!(rustix::io::read(&sig_rx, &mut buf), Ok(n) if n > 0) {}
+        if let Some(w) = &watcher {
+            w.drain_wake();
+        }
     }
     st.running = false;
     st.pid = None;

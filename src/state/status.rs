@@ -43,6 +43,9 @@ pub struct JobStatus {
     pub next_pass: Option<String>,
     /// The reason of the last refused pass, until a pass succeeds.
     pub refused_reason: Option<String>,
+    /// Watch mode: what the watcher sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<crate::watch::WatchState>,
     /// When this status was written, RFC 3339 UTC; `null` for a job that never ran.
     pub updated: Option<String>,
 }

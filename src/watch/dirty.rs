@@ -75,9 +75,10 @@ impl DirtySet {
         if self.all {
             return;
         }
-        let covered = self.dirs.iter().any(|(d, k)| {
-            *k == Depth::Deep && dir.as_path().starts_with(d.as_path()) && *d != dir
-        });
+        let covered = self
+            .dirs
+            .iter()
+            .any(|(d, k)| *k == Depth::Deep && dir.as_path().starts_with(d.as_path()) && *d != dir);
         if covered {
             return;
         }

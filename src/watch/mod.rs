@@ -162,7 +162,9 @@ impl Watcher {
     /// Adds a watch on the source directory `rel` (called before it is listed).
     pub fn watch(&self, rel: &RelPath) {
         let mut tree = self.tree.lock().expect("tree");
-        let full = self.cap.is_some_and(|c| tree.nodes.len() >= c && !tree.by_path.contains_key(rel));
+        let full = self
+            .cap
+            .is_some_and(|c| tree.nodes.len() >= c && !tree.by_path.contains_key(rel));
         let added = if full {
             Err(nix::errno::Errno::ENOSPC)
         } else {
@@ -171,7 +173,10 @@ impl Watcher {
         match added {
             Ok(wd) => {
                 let parent = rel.parent().and_then(|p| tree.by_path.get(&p).copied());
-                let name = rel.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                let name = rel
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_default();
                 if rel.is_root() || parent.is_some() {
                     tree.nodes.insert(wd, Node { parent, name });
                 }
