@@ -19,3 +19,5 @@ mod s3;
 mod safety;
 #[path = "cli/security.rs"]
 mod security;
+#[path = "cli/watch.rs"]
+mod watch;

@@ -22,7 +22,6 @@ use crate::pass;
 use crate::state::{self, lock, status};
 use crate::watch::Watcher;
 
-
 /// The pid in a PID file's text: the pid in decimal and a newline. (A daemon started by an
 /// earlier version wrote `<pid> <nonce>`; its first word is still its pid.)
 pub fn pid_of(text: &str) -> Option<u32> {

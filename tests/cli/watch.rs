@@ -1,0 +1,236 @@
+//! `syncer start --watch` (issue 13) with real inotify, real files and a real daemon. Every
+//! wait is a deadline on an observable state (the replica, the status), never a fixed sleep
+//! standing in for one. The full pass is set to 24 h, so whatever reaches the replica came
+//! through the watcher and a partial pass, unless a test says otherwise.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+
+const SOON: Duration = Duration::from_secs(10);
+
+struct Daemon<'a> {
+    env: &'a Env,
+}
+
+impl<'a> Daemon<'a> {
+    fn start(env: &'a Env, extra: &[&str], vars: &[(&str, &str)]) -> Daemon<'a> {
+        let mut c = env.command("start");
+        c.args(["--watch", "--interval", "24h"]).args(extra);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let out = c.output().expect("start");
+        assert_eq!(code(&out), 0, "{}", text(&out));
+        let d = Daemon { env };
+        assert!(
+            wait_for(SOON, || d.env.schedule_log().contains("NEXT PASS")),
+            "the first full pass did not end"
+        );
+        d
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = syncer()
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.env.state)
+            .output()
+            .expect("status");
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    fn pid(&self) -> i32 {
+        fs::read_to_string(self.env.state.join("default.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        let _ = syncer()
+            .args(["stop", "--state-dir"])
+            .arg(&self.env.state)
+            .output();
+    }
+}
+
+fn mirrored(env: &Env) -> bool {
+    rsync_quiet(&env.src, &env.rep)
+}
+
+fn assert_mirrors_soon(env: &Env, what: &str) {
+    assert!(
+        wait_for(SOON, || mirrored(env)),
+        "{what}: the replica did not follow:\n{}",
+        rsync_differences(&env.src, &env.rep).unwrap_or_else(|e| e)
+    );
+}
+
+fn sh(script: &str, dir: &Path) {
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .status()
+        .expect("sh");
+    assert!(st.success(), "{script}");
+}
+
+#[test]
+fn nested_directories_made_at_once_lose_nothing_and_renames_follow() {
+    let env = Env::new();
+    write(&env.src.join("keep.txt"), b"keep");
+    let d = Daemon::start(&env, &[], &[]);
+    // Only `a` may be reported before its watch exists: the rest is found by walking it.
+    sh("mkdir -p a/b/c && echo x > a/b/c/f", &env.src);
+    assert_mirrors_soon(&env, "mkdir -p");
+    // Renamed, and renamed back.
+    sh("mv a z", &env.src);
+    assert_mirrors_soon(&env, "rename");
+    sh("mv z a && echo y > a/b/c/g", &env.src);
+    assert_mirrors_soon(&env, "rename back");
+    // Deleted and recreated with new content.
+    sh("rm -rf a && mkdir -p a/b && echo new > a/b/n", &env.src);
+    assert_mirrors_soon(&env, "delete and recreate");
+    // A subtree moved out of the tree, and one moved in.
+    let outside = env.path("outside");
+    fs::create_dir_all(outside.join("inner")).expect("mkdir");
+    write(&outside.join("inner/in.txt"), b"moved in");
+    fs::rename(env.src.join("a"), env.path("gone")).expect("mv out");
+    fs::rename(&outside, env.src.join("came")).expect("mv in");
+    assert_mirrors_soon(&env, "moved out and in");
+    let st = d.status();
+    assert!(
+        st["watch"]["partial_passes"].as_u64().unwrap_or(0) >= 5,
+        "{st}"
+    );
+    assert!(st["watch"]["events"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert_eq!(st["watch"]["overflows"].as_u64(), Some(0), "{st}");
+}
+
+#[test]
+fn a_file_rewritten_in_a_burst_is_copied_once_with_its_final_content() {
+    let env = Env::new();
+    write(&env.src.join("other.txt"), b"other");
+    let _d = Daemon::start(&env, &[], &[]);
+    let before = env.io_log();
+    sh(
+        "for i in $(seq 1 50); do echo \"version $i\" > hot.txt; done",
+        &env.src,
+    );
+    assert_mirrors_soon(&env, "burst");
+    assert_eq!(
+        fs::read(env.rep.join("hot.txt")).expect("read"),
+        b"version 50\n"
+    );
+    let log = env.io_log()[before.len()..].to_string();
+    let copies = log.lines().filter(|l| l.contains(" hot.txt")).count();
+    assert_eq!(copies, 1, "copied more than once:\n{log}");
+}
+
+#[test]
+fn a_queue_overflow_means_a_full_pass_and_nothing_is_lost() {
+    let env = Env::new();
+    write(&env.src.join("seed.txt"), b"seed");
+    let pause = env.path("pause-reader");
+    let d = Daemon::start(
+        &env,
+        &[],
+        &[("SYNCER_TEST_PAUSE_READER", pause.to_str().expect("utf-8"))],
+    );
+    // The reader stops; 7,000 files make 21,000 events, more than the kernel's queue holds
+    // (16,384 by default).
+    fs::write(&pause, b"").expect("pause");
+    fs::create_dir(env.src.join("many")).expect("mkdir");
+    for i in 0..7000 {
+        fs::write(env.src.join(format!("many/{i}")), b"x").expect("write");
+    }
+    fs::remove_file(&pause).expect("resume");
+    assert_mirrors_soon(&env, "overflow");
+    let st = d.status();
+    assert!(st["watch"]["overflows"].as_u64().unwrap_or(0) >= 1, "{st}");
+}
+
+#[test]
+fn out_of_watches_degrades_shows_it_and_the_full_pass_converges() {
+    let env = Env::new();
+    for d in ["a", "b", "c", "d"] {
+        write(&env.src.join(format!("{d}/f")), b"f");
+    }
+    // Room for the root and one directory only.
+    let mut c = env.command("start");
+    c.args(["--watch", "--interval", "2s"])
+        .env("SYNCER_TEST_WATCH_CAP", "2");
+    let out = c.output().expect("start");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let d = Daemon { env: &env };
+    assert!(wait_for(SOON, || env.schedule_log().contains("NEXT PASS")));
+    let st = d.status();
+    let degraded = st["watch"]["degraded"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(degraded.len(), 3, "{st}");
+    // The daemon runs on; a change in an unwatched directory arrives with the full pass.
+    assert!(is_alive(d.pid()));
+    write(&env.src.join("d/new.txt"), b"unwatched");
+    assert_mirrors_soon(&env, "degraded subtree");
+}
+
+#[test]
+fn the_guard_judges_the_whole_replica_in_watch_mode() {
+    let env = Env::new();
+    for i in 0..150 {
+        write(&env.src.join(format!("data/{}/{i}", i % 3)), b"precious");
+    }
+    write(&env.src.join("top.txt"), b"top");
+    let _d = Daemon::start(&env, &[], &[]);
+    assert!(mirrored(&env));
+    fs::remove_dir_all(env.src.join("data")).expect("rm -rf");
+    assert!(
+        wait_for(SOON, || env.schedule_log().contains("PASS REFUSED")),
+        "an rm -rf of most of the tree was not refused:\n{}",
+        env.schedule_log()
+    );
+    assert_eq!(
+        fs::read_dir(env.rep.join("data/0")).expect("ls").count(),
+        50,
+        "the replica lost files"
+    );
+}
+
+#[test]
+fn an_idle_watching_daemon_sleeps_in_poll() {
+    let env = Env::new();
+    write(&env.src.join("f"), b"f");
+    let d = Daemon::start(&env, &[], &[]);
+    let switches = |pid: i32| -> u64 {
+        let mut total = 0;
+        for task in fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+            let status =
+                fs::read_to_string(task.expect("task").path().join("status")).unwrap_or_default();
+            for l in status.lines() {
+                if let Some(v) = l.strip_prefix("voluntary_ctxt_switches:") {
+                    total += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        total
+    };
+    let pid = d.pid();
+    let before = switches(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let woke = switches(pid) - before;
+    // A 50 ms tick would wake 40 times in 2 s.
+    assert!(woke <= 4, "{woke} wakeups in 2 s of idleness");
+}
+
+fn is_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
