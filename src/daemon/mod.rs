@@ -178,20 +178,13 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
         return fail(cfg, nonce, foreground, ExitCode::Usage, &msg);
     }
 
+    let usage = |msg: &str| fail(cfg, nonce, foreground, ExitCode::Usage, msg);
     // Signals also wake the loop: it blocks in poll, never in a sleep loop.
     let (sig_rx, sig_tx) = match rustix::pipe::pipe_with(
         rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
     ) {
         Ok(p) => p,
-        Err(e) => {
-            return fail(
-                cfg,
-                nonce,
-                foreground,
-                ExitCode::Usage,
-                &format!("could not make a pipe: {e}"),
-            )
-        }
+        Err(e) => return usage(&format!("could not make a pipe: {e}")),
     };
     for sig in [
         signal_hook::consts::SIGTERM,
@@ -203,28 +196,14 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
             .try_clone()
             .and_then(|fd| signal_hook::low_level::pipe::register(sig, fd));
         if let Err(e) = registered {
-            return fail(
-                cfg,
-                nonce,
-                foreground,
-                ExitCode::Usage,
-                &format!("could not install signal handlers: {e}"),
-            );
+            return usage(&format!("could not install signal handlers: {e}"));
         }
     }
     let watcher = match cfg.watch {
         false => None,
         true => match Watcher::start(&cfg.source) {
             Ok(w) => Some(w),
-            Err(e) => {
-                return fail(
-                    cfg,
-                    nonce,
-                    foreground,
-                    ExitCode::Usage,
-                    &format!("could not watch '{}': {e}", show(&cfg.source)),
-                )
-            }
+            Err(e) => return usage(&format!("could not watch '{}': {e}", show(&cfg.source))),
         },
     };
     let progress = foreground && job::wants_progress(cfg);

@@ -171,6 +171,22 @@ struct Known {
     link: Option<Vec<u8>>,
 }
 
+impl Known {
+    /// An object of syncer's own (the directory object): only its version matters.
+    fn plain(etag: String, size: u64) -> Known {
+        Known {
+            etag,
+            size,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+            sha256: None,
+            link: None,
+        }
+    }
+}
+
 /// The attributes of one directory, as kept in [`DIRS_OBJECT`].
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct DirAttrs {
@@ -465,16 +481,7 @@ impl S3Replica {
                         .collect();
                     self.pending.lock().expect("pending").insert(
                         DIRS_OBJECT.into(),
-                        Some(Known {
-                            etag,
-                            size: buf.len() as u64,
-                            mode: 0,
-                            uid: 0,
-                            gid: 0,
-                            mtime: (0, 0),
-                            sha256: None,
-                            link: None,
-                        }),
+                        Some(Known::plain(etag, buf.len() as u64)),
                     );
                     *self.dirs_changed.lock().expect("dirs") = false;
                     self.save_index_dirs(&map);
@@ -1181,19 +1188,7 @@ impl Replica for S3Replica {
                 .block(self.op().write(DIRS_OBJECT, json.clone().into_bytes()))
                 .map_err(other)?;
             let etag = self.etag_after(DIRS_OBJECT, md)?;
-            self.index_put(
-                DIRS_OBJECT,
-                Some(Known {
-                    etag,
-                    size: json.len() as u64,
-                    mode: 0,
-                    uid: 0,
-                    gid: 0,
-                    mtime: (0, 0),
-                    sha256: None,
-                    link: None,
-                }),
-            );
+            self.index_put(DIRS_OBJECT, Some(Known::plain(etag, json.len() as u64)));
             self.save_index_dirs(&map);
         }
         self.save_index()
