@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const SOON: Duration = Duration::from_secs(10);
+const SOON: Duration = Duration::from_secs(30);
 
 struct Daemon<'a> {
     env: &'a Env,
