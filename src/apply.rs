@@ -192,7 +192,7 @@ impl Applier<'_> {
         done = held
             .par_iter()
             .map(|a| match a.op {
-                Op::Delete { kind, entries } => {
+                Op::Delete { kind, entries } if !cancel::requested() => {
                     let keep = self.backup.is_some() && !self.only_dirs(&a.rel);
                     self.delete(&a.rel, kind, entries, keep)
                 }
