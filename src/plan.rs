@@ -1,6 +1,8 @@
 //! A pass's plan: the ordered list of actions that converge the replica, the counts the
 //! deletion guard needs, and the cache records to rewrite. Pure data and pure checks, no I/O:
-//! the scan builds a `Plan`, `guard` decides whether it may run, `apply` executes it.
+//! the scan builds a `Plan`, hard links and moves are resolved over the whole of it (the
+//! pairs of a move are found by `moves`, which reads), `guard` decides whether it may run,
+//! `apply` executes it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -284,7 +286,7 @@ impl Plan {
         touched
     }
 
-    /// Turns each pair found by `moves::find` into a move: the create at `to` becomes a
+    /// Turns each pair found by `moves::Finder` into a move: the create at `to` becomes a
     /// rename of `spec.from`, whose own deletion is dropped (a deleted directory that held it
     /// counts one entry fewer). The guard then counts a move as neither a deletion nor a
     /// creation.
@@ -325,7 +327,7 @@ impl Plan {
                 kind: Kind::Dir,
                 entries,
             } => {
-                *entries -= out_of.get(&a.rel).copied().unwrap_or(0);
+                *entries = entries.saturating_sub(out_of.get(&a.rel).copied().unwrap_or(0));
                 true
             }
             Op::Delete { .. } => !froms.contains(&a.rel),

@@ -7,6 +7,9 @@
 //! A source directory that cannot be read is *unknown*, never empty: its replica twin is
 //! left alone, nothing below it is deleted. Excluded names are invisible on both sides.
 //! Leftover temp files of an interrupted pass are removed when met.
+//!
+//! With moves on, the replica files the plan deletes (alone, or below a deleted directory)
+//! are listed with their cached hashes (`Plan::gone`), for `moves` to pair with new files.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;

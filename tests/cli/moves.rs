@@ -373,3 +373,75 @@ fn hard_linked_files_are_copied_and_linked_not_moved() {
         .expect("rsync");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
 }
+
+/// Moves mixed with every ordering hazard: into a directory that replaces a file, out of a
+/// directory that becomes a file, out of a directory left empty inside one that stays, and
+/// two files swapping directories. Each move runs after the mkdir of its new directory and
+/// before the deletion of its old one; a name replaced by another kind is never a move's
+/// target (the old entry must go first), so it is copied.
+#[test]
+fn moves_are_ordered_around_mkdirs_deletions_and_kind_changes() {
+    let env = Env::new();
+    for (path, content) in [
+        ("X/a", "content of X/a"),
+        ("X/other", "content of X/other"),
+        ("f", "content of f"),
+        ("sw1/x", "x, short"),
+        ("sw2/y", "y, a bit longer"),
+        ("p/q/f", "deep"),
+        ("h/b/f", "deeper still"),
+        ("n", "a file that becomes a directory"),
+        ("old/x", "moves into n/"),
+    ] {
+        write(&env.src.join(path), content.as_bytes());
+    }
+    env.mirror_ok(&[]);
+
+    // X becomes a file with X/a's content; X/other moves out first.
+    mv(&env, "X/other", "other2");
+    fs::remove_dir_all(env.src.join("X")).expect("rm X");
+    write(&env.src.join("X"), b"content of X/a");
+    // f becomes a directory holding f's content.
+    fs::remove_file(env.src.join("f")).expect("rm f");
+    write(&env.src.join("f/g"), b"content of f");
+    // Two files swap directories.
+    mv(&env, "sw1/x", "sw2/x");
+    mv(&env, "sw2/y", "sw1/y");
+    // Up one level, out of a directory that goes.
+    mv(&env, "p/q/f", "p/f");
+    fs::remove_dir(env.src.join("p/q")).expect("rmdir");
+    // h becomes a file; its file moves to a new directory first.
+    mv(&env, "h/b/f", "b/f");
+    fs::remove_dir_all(env.src.join("h")).expect("rm h");
+    write(&env.src.join("h"), b"now a file");
+    // n becomes a directory, and receives a moved file.
+    fs::remove_file(env.src.join("n")).expect("rm n");
+    mv(&env, "old/x", "n/x");
+
+    let before = env.io_log();
+    env.mirror_ok(&[]);
+    let lines = new_io_lines(&env, &before);
+    let mut moves: Vec<String> = with_word(&lines, "MOVE")
+        .iter()
+        .map(|l| l.split(" size=").next().expect("line").to_string())
+        .collect();
+    moves.sort();
+    assert_eq!(
+        moves,
+        [
+            "MOVE X/other -> other2",
+            "MOVE h/b/f -> b/f",
+            "MOVE old/x -> n/x",
+            "MOVE p/q/f -> p/f",
+            "MOVE sw1/x -> sw2/x",
+            "MOVE sw2/y -> sw1/y",
+        ]
+    );
+    let mut created: Vec<&str> = with_word(&lines, "CREATE")
+        .iter()
+        .map(|l| l.split(' ').nth(1).expect("path"))
+        .collect();
+    created.sort();
+    assert_eq!(created, ["X", "f/g", "h"]);
+    assert_eq!(count(&env, "deleted"), 7, "f, n, X and X/a, p/q, h and h/b");
+}
