@@ -364,6 +364,14 @@ impl Applier<'_> {
             return self.move_fallback(to, m, "the source changed since it was hashed");
         }
         let meta = *content.meta();
+        // Read through the open file: one lookup of the source path, not two.
+        let xattrs = match self.xattrs {
+            true => match content.xattrs() {
+                Ok(x) => Some(x),
+                Err(e) => return self.move_fallback(to, m, &crate::error::reason(&e)),
+            },
+            false => None,
+        };
         drop(content);
         match self.replica.stat(&m.from) {
             Ok(Some((found, version))) if found.kind == Kind::File && version == m.rep => {}
@@ -387,10 +395,6 @@ impl Applier<'_> {
         // The rename kept the old name's mode, owner, times and attributes: the source's
         // may differ, and the metadata is set whatever it was (it also gives the version the
         // cache records).
-        let xattrs = match self.source_xattrs(to, Kind::File) {
-            Ok(x) => x,
-            Err(e) => return out.merge(Applied::problem(e)),
-        };
         match self.replica.set_meta(to, &meta, xattrs.as_ref(), None) {
             Ok(Some(rep)) => out.written.push((
                 to.clone(),
