@@ -1,16 +1,25 @@
-//! Executes a `Plan` in parallel while honouring order, in four phases:
+//! Executes a `Plan` in parallel while honouring order, in these phases:
 //! 1. deletions (a replaced entry goes before its successor is created; frees space first),
+//!    except those of directories that still hold a move's source,
 //! 2. directory creation, parents before children,
-//! 3. files, links and metadata fixes, all in parallel,
-//! 4. directory metadata, deepest first, so that no later write disturbs a parent's mtime.
+//! 3. moves (renames within the replica): their sources still exist and their targets'
+//!    directories do now,
+//! 4. the deletions held back for them, of what is left of those directories,
+//! 5. files, links and metadata fixes, all in parallel, then hard links,
+//! 6. directory metadata, deepest first, so that no later write disturbs a parent's mtime.
+//!
+//! A move that cannot be done as planned (the source or the replica file changed since it
+//! was hashed, the rename fails) becomes what the plan had before it: a copy of the new file
+//! and the deletion of the old one. Nothing is lost either way.
 //!
 //! Source files are opened through the source module and handed to the replica as content;
 //! every change goes through the replica interface. A failed action is reported once with its
 //! path (`journal::report`, which counts it) and never stops the batch (the pass ends with
 //! exit code 1). Every action writes one line to the file-I/O log.
 
+use std::collections::HashSet;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -19,7 +28,7 @@ use crate::cancel;
 use crate::error::{EntryError, Side, WriteOp};
 use crate::journal;
 use crate::model::{show, Counts, Hash, Hint, Kind, RelPath, Token, Version, Xattrs};
-use crate::plan::{Action, Op, Plan, Reason};
+use crate::plan::{Action, MoveSpec, Op, Plan, Reason};
 use crate::replica::{CopyError, Installed, Replica};
 use crate::source::SourceTree;
 
@@ -96,6 +105,17 @@ pub fn describe(action: &Action) -> (&'static str, String) {
         Op::Link(l) => ("LINK", format!(" -> {}", show(&l.target))),
         Op::Meta { .. } | Op::DirMeta { .. } => ("META", String::new()),
         Op::HardLink { to, .. } => ("LINK", format!(" => {to}")),
+        Op::Move(m) => ("MOVE", format!(" size={} sha256={}", m.size, m.hash)),
+    }
+}
+
+/// An action as one line: `WORD path detail`, a move as `MOVE old -> new detail` (dry runs
+/// print it; the file-I/O log has the same shape).
+pub fn line(action: &Action) -> String {
+    let (word, detail) = describe(action);
+    match &action.op {
+        Op::Move(m) => format!("{word} {} -> {}{detail}", m.from, action.rel),
+        _ => format!("{word} {}{detail}", action.rel),
     }
 }
 
@@ -109,13 +129,26 @@ impl Applier<'_> {
         mut commit: impl FnMut(Vec<(RelPath, Written)>, Vec<Fixed>),
     ) -> Applied {
         let mut deletes = Vec::new();
+        let mut held = Vec::new();
         let mut mkdirs = Vec::new();
+        let mut moves = Vec::new();
         let mut work = Vec::new();
         let mut dir_metas = Vec::new();
         let mut hard_links = Vec::new();
+        // Directories that hold a move's source: deleted only after the moves.
+        let mut holding: HashSet<&Path> = HashSet::new();
+        for a in &plan.actions {
+            if let Op::Move(m) = &a.op {
+                holding.extend(m.from.as_path().ancestors().skip(1));
+            }
+        }
         for a in &plan.actions {
             match a.op {
+                Op::Delete {
+                    kind: Kind::Dir, ..
+                } if holding.contains(a.rel.as_path()) => held.push(a),
                 Op::Delete { .. } => deletes.push(a),
+                Op::Move(_) => moves.push(a),
                 Op::Mkdir => mkdirs.push(a),
                 Op::DirMeta { .. } => dir_metas.push(a),
                 Op::HardLink { .. } => hard_links.push(a),
@@ -142,14 +175,32 @@ impl Applier<'_> {
         for a in mkdirs {
             done = done.merge(self.one(a));
         }
-        for chunk in work.chunks(CHUNK_ACTIONS) {
-            let mut part = run(chunk);
-            commit(
-                std::mem::take(&mut part.written),
-                std::mem::take(&mut part.fixed),
-            );
-            done = done.merge(part);
-        }
+        // Moves and files in chunks, each chunk's cache entries handed to `commit`.
+        let mut chunked = |list: &[&Action], done: Applied| {
+            list.chunks(CHUNK_ACTIONS).fold(done, |done, chunk| {
+                let mut part = run(chunk);
+                commit(
+                    std::mem::take(&mut part.written),
+                    std::mem::take(&mut part.fixed),
+                );
+                done.merge(part)
+            })
+        };
+        done = chunked(&moves, done);
+        // What is left of a directory whose files all moved out is only directories: no
+        // backup keeps those (nothing is lost; the files live on under their new names).
+        done = held
+            .par_iter()
+            .map(|a| match a.op {
+                Op::Delete { kind, entries } if !cancel::requested() => {
+                    let keep = self.backup.is_some() && !self.only_dirs(&a.rel);
+                    self.delete(&a.rel, kind, entries, keep)
+                }
+                _ => self.one(a),
+            })
+            .reduce(Applied::default, Applied::merge)
+            .merge(done);
+        done = chunked(&work, done);
         // Hard links once every file is in place (a group's first name may be copied in any
         // chunk).
         done = done.merge(run(&hard_links));
@@ -175,25 +226,9 @@ impl Applier<'_> {
         let mut out = Applied::default();
         match &action.op {
             Op::Delete { kind, entries } => {
-                let result = if self.backup.is_some() {
-                    self.replica
-                        .backup(rel, false)
-                        .inspect(|_| self.backup_line(rel))
-                } else {
-                    self.replica.remove(rel, *kind)
-                };
-                match result {
-                    Ok(()) => {
-                        journal::action(word, rel, format_args!("{detail}"));
-                        out.counts.deleted += entries;
-                        if *kind == Kind::Dir {
-                            out.dropped.push(rel.clone());
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Applied::problem(EntryError::write(WriteOp::Delete, rel, e)),
-                }
+                return self.delete(rel, *kind, *entries, self.backup.is_some())
             }
+            Op::Move(m) => return self.move_file(rel, m),
             Op::Mkdir => match self.replica.mkdir(rel) {
                 Ok(()) => {
                     journal::action(word, rel, format_args!(""));
@@ -286,6 +321,120 @@ impl Applier<'_> {
             }
         }
         out
+    }
+
+    /// Removes a replica entry; with `keep` (`--backup-dir`), moves it into the backup.
+    fn delete(&self, rel: &RelPath, kind: Kind, entries: u64, keep: bool) -> Applied {
+        let result = if keep {
+            self.replica
+                .backup(rel, false)
+                .inspect(|_| self.backup_line(rel))
+        } else {
+            self.replica.remove(rel, kind)
+        };
+        let mut out = Applied::default();
+        match result {
+            Ok(()) => {
+                let (word, detail) = describe(&Action {
+                    rel: rel.clone(),
+                    op: Op::Delete { kind, entries },
+                });
+                journal::action(word, rel, format_args!("{detail}"));
+                out.counts.deleted += entries;
+                if kind == Kind::Dir {
+                    out.dropped.push(rel.clone());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Applied::problem(EntryError::write(WriteOp::Delete, rel, e)),
+        }
+        out
+    }
+
+    /// Renames the replica file `m.from` to `to` and gives it the source's metadata. Both
+    /// sides must still be what the scan hashed: the source its token, the replica file its
+    /// version (a rename changes neither content nor mtime). Nothing is kept in the backup
+    /// directory: nothing is lost.
+    fn move_file(&self, to: &RelPath, m: &MoveSpec) -> Applied {
+        let content = match self.source.open_file(to, Some((m.src, m.hash))) {
+            Ok(c) => c,
+            Err(e) => return self.move_fallback(to, m, &crate::error::reason(&e)),
+        };
+        if content.token() != m.src {
+            return self.move_fallback(to, m, "the source changed since it was hashed");
+        }
+        let meta = *content.meta();
+        // Read through the open file: one lookup of the source path, not two.
+        let xattrs = match self.xattrs {
+            true => match content.xattrs() {
+                Ok(x) => Some(x),
+                Err(e) => return self.move_fallback(to, m, &crate::error::reason(&e)),
+            },
+            false => None,
+        };
+        drop(content);
+        match self.replica.stat(&m.from) {
+            Ok(Some((found, version))) if found.kind == Kind::File && version == m.rep => {}
+            Ok(_) => {
+                return self.move_fallback(to, m, "the replica file changed since it was hashed")
+            }
+            Err(e) => return self.move_fallback(to, m, &crate::error::reason(&e)),
+        }
+        if let Err(e) = self.replica.rename(&m.from, to) {
+            return self.move_fallback(to, m, &crate::error::reason(&e));
+        }
+        journal::action(
+            "MOVE",
+            &m.from,
+            format_args!(" -> {to} size={} sha256={}", m.size, m.hash),
+        );
+        let mut out = Applied::counted(Counts {
+            moved: 1,
+            ..Counts::default()
+        });
+        // The rename kept the old name's mode, owner, times and attributes: the source's
+        // may differ, and the metadata is set whatever it was (it also gives the version the
+        // cache records).
+        match self.replica.set_meta(to, &meta, xattrs.as_ref(), None) {
+            Ok(Some(rep)) => out.written.push((
+                to.clone(),
+                Written {
+                    src: m.src,
+                    rep,
+                    hash: m.hash,
+                    xattrs: self.xattrs,
+                },
+            )),
+            Ok(None) => {
+                return out.merge(Applied::problem(EntryError::ChangedInReplica {
+                    rel: to.clone(),
+                }))
+            }
+            Err(e) => return out.merge(Applied::problem(EntryError::write(WriteOp::Meta, to, e))),
+        }
+        out
+    }
+
+    /// A move that cannot be done: what the plan had before it, a copy of the new file and
+    /// the deletion of the old one.
+    fn move_fallback(&self, to: &RelPath, m: &MoveSpec, why: &str) -> Applied {
+        log::debug!(
+            "could not move '{}' to '{to}' ({why}); copying it instead",
+            m.from
+        );
+        let copied = self.copy(to, Reason::Create, Some(&Hint::Known(m.src, m.hash)));
+        copied.merge(self.delete(&m.from, Kind::File, 1, self.backup.is_some()))
+    }
+
+    /// True when the replica directory `rel` holds nothing but directories (or cannot be
+    /// listed: then the backup keeps it, to be safe).
+    fn only_dirs(&self, rel: &RelPath) -> bool {
+        match self.replica.list(rel) {
+            Ok(entries) => entries
+                .iter()
+                .all(|e| e.meta.kind == Kind::Dir && self.only_dirs(&rel.join(&e.name))),
+            Err(_) => false,
+        }
     }
 
     /// The source's extended attributes of a file, directory or symlink, read now, when

@@ -103,6 +103,9 @@ pub struct SyncArgs {
     /// Do not mirror extended attributes (so neither ACLs nor file capabilities).
     #[arg(long)]
     pub no_xattrs: bool,
+    /// Copy a file moved in the source again instead of renaming its replica twin into place.
+    #[arg(long)]
+    pub no_moves: bool,
     /// Worker threads [default: one per core].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,

@@ -114,6 +114,8 @@ pub struct Config {
     pub one_file_system: bool,
     /// Mirror hard links (default; `--no-hard-links`).
     pub hard_links: bool,
+    /// Turn a file moved in the source into a rename in the replica (default; `--no-moves`).
+    pub moves: bool,
     pub verbosity: Verbosity,
     /// `--interval` (daemon only).
     pub interval: Option<Duration>,
@@ -318,6 +320,7 @@ impl Config {
             xattrs: !args.no_xattrs,
             one_file_system: args.one_file_system,
             hard_links: !args.no_hard_links,
+            moves: !args.no_moves,
             verbosity,
             interval,
             s3,

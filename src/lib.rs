@@ -1,10 +1,11 @@
 //! syncer: keeps a replica directory an exact, safe, one-way mirror of a source directory.
 //!
 //! A pass is a pipeline: `config` (validated options) → `scan` (parallel merge-walk, with
-//! `compare` deciding each entry) → `plan` (actions and the deletion guard) → `apply`
-//! (ordered, parallel execution) → commit (`state::cache`). The source is read through
-//! `source`, the replica reached only through the `replica::Replica` interface; both local
-//! trees are anchored on a directory handle (`anchor`), so no symlink can redirect a pass.
+//! `compare` deciding each entry) → `plan` (actions and the deletion guard; hard links and
+//! `moves` are resolved over the whole plan) → `apply` (ordered, parallel execution) →
+//! commit (`state::cache`). The source is read through `source`, the replica reached only
+//! through the `replica::Replica` interface; both local trees are anchored on a directory
+//! handle (`anchor`), so no symlink can redirect a pass.
 //! `pass` runs one; `commands` and `daemon` decide when, with what `job` shares.
 
 pub mod anchor;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod job;
 pub mod journal;
 pub mod model;
+pub mod moves;
 pub mod pass;
 #[cfg(test)]
 mod pipeline_tests;

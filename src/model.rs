@@ -274,7 +274,7 @@ impl Meta {
 }
 
 /// A sha256 digest.
-#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Hash(pub [u8; 32]);
 
 impl fmt::Display for Hash {
@@ -333,6 +333,10 @@ pub struct Counts {
     pub updated: u64,
     pub drifted: u64,
     pub deleted: u64,
+    /// Files moved within the replica by a rename (neither created nor deleted). Absent
+    /// from a status written before moves existed.
+    #[serde(default)]
+    pub moved: u64,
     pub meta: u64,
     pub links: u64,
     /// Names made hard links to their group's first name.
@@ -351,6 +355,7 @@ impl std::ops::AddAssign for Counts {
         self.updated += o.updated;
         self.drifted += o.drifted;
         self.deleted += o.deleted;
+        self.moved += o.moved;
         self.meta += o.meta;
         self.links += o.links;
         self.hard_links += o.hard_links;

@@ -5,18 +5,19 @@
 //! The source is reached through `source::LocalSource` and the replica through the
 //! `replica::Replica` interface only; this file never touches either tree itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::apply::{describe, Applied, Applier, Fixed, Written};
+use crate::apply::{self, Applied, Applier, Fixed, Written};
 use crate::cancel;
 use crate::compare::Compare;
 use crate::config::Config;
 use crate::error::{reason, ExitCode};
 use crate::journal;
 use crate::model::{show, HashCounters, Meta, Racy, RelPath};
+use crate::moves;
 use crate::plan::{Op, Plan};
 use crate::replica::s3::S3Replica;
 use crate::replica::{self, Replica};
@@ -270,9 +271,18 @@ impl<'a> Pass<'a> {
             hard_links: trees.replica.capabilities().hard_links,
             watch: self.watcher,
             scope: self.scope.as_ref().filter(|d| !d.all),
+            moves: self.cfg.moves && trees.replica.capabilities().rename,
         };
         let mut scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
         scanned.relinked = scanned.plan.resolve_links();
+        // Moves after hard links: a name a link group needs is never a move's target.
+        let linked: HashSet<RelPath> = scanned.relinked.iter().cloned().collect();
+        moves::Finder {
+            source: trees.source.as_ref(),
+            replica: trees.replica.as_ref(),
+            counters: &counters,
+        }
+        .find(&mut scanned.plan, &linked);
         let c = &mut self.record.counts;
         c.hashed_files = counters.files.load(std::sync::atomic::Ordering::Relaxed);
         c.hashed_bytes = counters.bytes.load(std::sync::atomic::Ordering::Relaxed);
@@ -285,8 +295,7 @@ impl<'a> Pass<'a> {
     /// A dry run prints the plan instead of applying it.
     fn dry_run(self, plan: &Plan) -> Outcome {
         for a in &plan.actions {
-            let (word, detail) = describe(a);
-            journal::plan_line(format_args!("would {word} {}{detail}", a.rel));
+            journal::plan_line(format_args!("would {}", apply::line(a)));
         }
         self.conclude()
     }
@@ -432,7 +441,7 @@ fn summary(o: Outcome) -> Outcome {
     let r = &o.record;
     let c = &r.counts;
     journal::schedule(format_args!(
-        "PASS END {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, meta {}, links {}, hard links {}, dirs {}, \
+        "PASS END {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, moved {}, meta {}, links {}, hard links {}, dirs {}, \
          copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}{}",
         r.result,
         r.duration_ms as f64 / 1000.0,
@@ -440,6 +449,7 @@ fn summary(o: Outcome) -> Outcome {
         c.updated,
         c.drifted,
         c.deleted,
+        c.moved,
         c.meta,
         c.links,
         c.hard_links,

@@ -43,6 +43,8 @@ struct Harness {
     /// Which source tokens are racy.
     racy: Racy,
     guard: Guard,
+    /// Look for moves (as without `--no-moves`, on a replica that can rename).
+    moves: bool,
 }
 
 impl Harness {
@@ -56,6 +58,7 @@ impl Harness {
                 fine: None,
             },
             guard: Guard::Default,
+            moves: true,
         }
     }
 
@@ -77,10 +80,17 @@ impl Harness {
             recall: &self.memory,
             one_fs_dev: None,
             hard_links: false,
+            moves: self.moves && self.rep.capabilities().rename,
         };
         let src_root = SourceTree::root(&self.src).expect("root");
         let rep_root = Replica::root(&self.rep).expect("root");
-        let scanned = scan::scan(&ctx, &src_root, rep_root.as_ref());
+        let mut scanned = scan::scan(&ctx, &src_root, rep_root.as_ref());
+        crate::moves::Finder {
+            source: &self.src,
+            replica: &self.rep,
+            counters: &counters,
+        }
+        .find(&mut scanned.plan, &Default::default());
         let hashed = counters.files.load(std::sync::atomic::Ordering::Relaxed);
         (scanned, hashed)
     }
@@ -88,12 +98,20 @@ impl Harness {
     /// One pass: scan, guard, apply, then record in the memory cache. `None`: refused.
     fn pass(&self) -> Option<Run> {
         let (scanned, hashed_files) = self.scan();
+        self.apply(scanned, hashed_files)
+    }
+
+    /// Guards and applies what `scan` found, then records it in the memory cache.
+    fn apply(&self, scanned: Scanned, hashed_files: u64) -> Option<Run> {
         let plan: Vec<String> = scanned
             .plan
             .actions
             .iter()
             .filter(|a| !matches!(a.op, crate::plan::Op::DirMeta { .. }))
-            .map(|a| format!("{} {}", describe(a).0, a.rel))
+            .map(|a| match &a.op {
+                crate::plan::Op::Move(m) => format!("MOVE {} -> {}", m.from, a.rel),
+                _ => format!("{} {}", describe(a).0, a.rel),
+            })
             .collect();
         if self.guard.check(&scanned.plan).is_err() {
             return None;
@@ -404,4 +422,138 @@ fn a_replica_without_xattrs_never_shows_an_xattr_difference() {
     h.src.edit("f", |n| n.xattrs = xattr(&[("user.a", b"2")]));
     assert!(h.pass().expect("not refused").plan.is_empty());
     assert!(h.pass().expect("idle").plan.is_empty());
+}
+
+/// Moves `from` to `to` in the fake source, as `mv` would (the node keeps its content,
+/// metadata and attributes; a directory takes everything below it).
+fn move_in_source(h: &Harness, from: &str, to: &str) {
+    let below: Vec<String> = h
+        .src
+        .paths()
+        .into_iter()
+        .filter(|p| p == from || p.starts_with(&format!("{from}/")))
+        .collect();
+    for p in &below {
+        let n = h.src.get(p).expect("listed");
+        let dest = format!("{to}{}", &p[from.len()..]);
+        match n.meta.kind {
+            Kind::Dir => h.src.dir(&dest),
+            _ => h.src.file(&dest, &n.data, n.meta.perm, n.meta.mtime.sec),
+        }
+    }
+    Replica::remove(&h.src, &rel(from), Kind::Dir).expect("remove from the source");
+}
+
+fn renames(calls: &[String]) -> Vec<&String> {
+    calls.iter().filter(|c| c.starts_with("rename ")).collect()
+}
+
+#[test]
+fn a_renamed_directory_becomes_renames_and_the_next_pass_reads_nothing() {
+    let h = Harness::new(full_caps());
+    h.src.dir("d");
+    h.src.file("d/a", b"alpha", 0o644, 10);
+    h.src.file("d/b", b"bravo", 0o644, 10);
+    h.src.file("keep", b"keep", 0o644, 10);
+    h.pass().expect("first pass");
+    h.rep.take_calls();
+    move_in_source(&h, "d", "e");
+    // A move may come with a new mode: the renamed file gets the source's metadata.
+    h.src.edit("e/b", |n| n.meta.perm = 0o600);
+    let run = h.pass().expect("a move deletes nothing the guard counts");
+    assert_eq!(
+        run.plan,
+        ["RMDIR d", "MKDIR e", "MOVE d/a -> e/a", "MOVE d/b -> e/b"]
+    );
+    let c = run.applied.counts;
+    assert_eq!((c.moved, c.created, c.bytes_copied), (2, 0, 0));
+    assert_eq!(c.deleted, 1, "only the emptied directory is deleted");
+    assert_eq!(
+        run.hashed_files, 2,
+        "the new files, not the cached replica ones"
+    );
+    let calls = h.rep.take_calls();
+    assert!(installs(&calls).is_empty(), "{calls:?}");
+    assert_eq!(renames(&calls), ["rename d/a", "rename d/b"]);
+    // Order: the new directory first, then the renames, then what is left of the old one.
+    let at = |c: &str| calls.iter().position(|x| x == c).expect(c);
+    assert!(at("mkdir e") < at("rename d/a"), "{calls:?}");
+    assert!(at("rename d/b") < at("remove d"), "{calls:?}");
+    assert_eq!(h.rep.paths(), ["e", "e/a", "e/b", "keep"]);
+    assert_eq!(h.rep.get("e/b").expect("moved").meta.perm, 0o600);
+    assert_eq!(h.rep.get("e/a").expect("moved").data, b"alpha");
+    let idle = h.pass().expect("idle");
+    assert!(idle.plan.is_empty(), "{:?}", idle.plan);
+    assert_eq!(
+        idle.hashed_files, 0,
+        "the cache knows the moved files by their new names"
+    );
+}
+
+#[test]
+fn size_alone_never_pairs_two_files() {
+    let h = Harness::new(full_caps());
+    h.src.file("old", b"12345", 0o644, 10);
+    h.pass().expect("first pass");
+    Replica::remove(&h.src, &rel("old"), Kind::File).expect("remove");
+    h.src.file("new", b"54321", 0o644, 10);
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["CREATE new", "DELETE old"]);
+    assert!(renames(&h.rep.take_calls()).is_empty());
+    assert_eq!(h.rep.get("new").expect("copied").data, b"54321");
+}
+
+#[test]
+fn a_move_whose_replica_file_changed_after_the_scan_is_a_copy_and_a_delete() {
+    let h = Harness::new(full_caps());
+    h.src.file("a", b"alpha", 0o644, 10);
+    h.pass().expect("first pass");
+    h.rep.take_calls();
+    move_in_source(&h, "a", "b");
+    let (scanned, hashed) = h.scan();
+    // Someone rewrites the replica file between the scan and the move.
+    h.rep.edit("a", |n| n.data = b"ALPHA".to_vec());
+    let run = h.apply(scanned, hashed).expect("not refused");
+    assert_eq!(run.plan, ["MOVE a -> b"]);
+    let c = run.applied.counts;
+    assert_eq!((c.moved, c.created, c.deleted), (0, 1, 1));
+    let calls = h.rep.take_calls();
+    assert!(renames(&calls).is_empty(), "{calls:?}");
+    assert_eq!(h.rep.paths(), ["b"]);
+    assert_eq!(h.rep.get("b").expect("copied").data, b"alpha");
+}
+
+#[test]
+fn a_replica_that_cannot_rename_copies_and_deletes() {
+    let caps = Capabilities {
+        rename: false,
+        ..full_caps()
+    };
+    let h = Harness::new(caps);
+    h.src.file("a", b"alpha", 0o644, 10);
+    h.pass().expect("first pass");
+    move_in_source(&h, "a", "b");
+    let run = h.pass().expect("not refused");
+    assert_eq!(run.plan, ["DELETE a", "CREATE b"]);
+    assert_eq!(run.hashed_files, 0, "nothing is hashed to look for moves");
+}
+
+#[test]
+fn the_guard_counts_a_move_as_neither_a_deletion_nor_a_creation() {
+    let mut h = Harness::new(full_caps());
+    h.src.dir("d");
+    for i in 0..20 {
+        h.src
+            .file(&format!("d/f{i:02}"), format!("{i}").as_bytes(), 0o644, 1);
+    }
+    h.pass().expect("first pass");
+    move_in_source(&h, "d", "e");
+    h.guard = Guard::Count(1);
+    let (scanned, _) = h.scan();
+    assert_eq!((scanned.plan.deletes, scanned.plan.creates), (1, 1));
+    h.moves = false;
+    assert!(h.pass().is_none(), "without moves, 21 deletions exceed 1");
+    h.moves = true;
+    let run = h.pass().expect("one deletion: the emptied directory");
+    assert_eq!(run.applied.counts.moved, 20);
 }

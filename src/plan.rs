@@ -1,12 +1,14 @@
 //! A pass's plan: the ordered list of actions that converge the replica, the counts the
 //! deletion guard needs, and the cache records to rewrite. Pure data and pure checks, no I/O:
-//! the scan builds a `Plan`, `guard` decides whether it may run, `apply` executes it.
+//! the scan builds a `Plan`, hard links and moves are resolved over the whole of it (the
+//! pairs of a move are found by `moves`, which reads), `guard` decides whether it may run,
+//! `apply` executes it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use crate::error::EntryError;
-use crate::model::{Hint, Kind, LinkKey, Meta, RelPath, Version};
+use crate::model::{Hash, Hint, Kind, LinkKey, Meta, RelPath, Token, Version};
 
 /// Why a file is copied; also the word written to the file-I/O log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +60,37 @@ pub enum Op {
     /// Make this name a hard link to `to` (the first name of its source link group), after
     /// every file was copied. `overwrites`: a replica entry is replaced (backed up first).
     HardLink { to: Box<RelPath>, overwrites: bool },
+    /// Rename a replica file the source no longer has to this name, where the source has a
+    /// new file with the same content (see `moves`): no byte is copied.
+    Move(Box<MoveSpec>),
+}
+
+/// A move: which replica file goes where the source's new file is, and what both were when
+/// the pass found them equal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveSpec {
+    /// The replica file that is renamed (its source is gone).
+    pub from: RelPath,
+    /// Its replica version when its content was known: a file that no longer has it is
+    /// not moved (a copy and a delete run instead).
+    pub rep: Version,
+    /// The source file's token when it was hashed: a source that no longer has it is
+    /// copied instead.
+    pub src: Token,
+    /// The content both have.
+    pub hash: Hash,
+    pub size: u64,
+}
+
+/// A replica file the plan deletes, alone or inside a deleted directory, as the scan met it:
+/// what a move may reuse (see `moves`).
+#[derive(Clone, Debug)]
+pub struct Gone {
+    pub rel: RelPath,
+    pub size: u64,
+    pub version: Version,
+    /// Its sha256, when the cache vouches for this version.
+    pub hash: Option<Hash>,
 }
 
 /// A source file with several names, as the scan met it.
@@ -116,6 +149,8 @@ pub struct Plan {
     pub src_links: Vec<SrcLink>,
     /// Replica files with several names (to break links the source no longer has).
     pub rep_links: Vec<RepLink>,
+    /// Replica files the plan deletes that a move may reuse (only when moves are on).
+    pub gone: Vec<Gone>,
 }
 
 impl Plan {
@@ -129,6 +164,7 @@ impl Plan {
         self.specials += other.specials;
         self.src_links.extend(other.src_links);
         self.rep_links.extend(other.rep_links);
+        self.gone.extend(other.gone);
         self
     }
 
@@ -248,6 +284,63 @@ impl Plan {
         }
         self.actions.extend(links);
         touched
+    }
+
+    /// Turns each pair found by `moves::Finder` into a move: the create at `to` becomes a
+    /// rename of `spec.from`, whose own deletion is dropped (a deleted directory that held it
+    /// counts one entry fewer). The guard then counts a move as neither a deletion nor a
+    /// creation.
+    pub fn take_moves(&mut self, pairs: Vec<(RelPath, MoveSpec)>) {
+        if pairs.is_empty() {
+            return;
+        }
+        let n = pairs.len() as u64;
+        let mut moved: HashMap<RelPath, MoveSpec> = pairs.into_iter().collect();
+        let froms: HashSet<RelPath> = moved.values().map(|m| m.from.clone()).collect();
+        // Deleted directories, and how many of their entries move out.
+        let mut out_of: HashMap<RelPath, u64> = self
+            .actions
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a.op,
+                    Op::Delete {
+                        kind: Kind::Dir,
+                        ..
+                    }
+                )
+            })
+            .map(|a| (a.rel.clone(), 0))
+            .collect();
+        for from in &froms {
+            let mut up = from.parent();
+            while let Some(dir) = up {
+                if let Some(n) = out_of.get_mut(&dir) {
+                    *n += 1;
+                    break;
+                }
+                up = dir.parent();
+            }
+        }
+        self.actions.retain_mut(|a| match &mut a.op {
+            Op::Delete {
+                kind: Kind::Dir,
+                entries,
+            } => {
+                *entries = entries.saturating_sub(out_of.get(&a.rel).copied().unwrap_or(0));
+                true
+            }
+            Op::Delete { .. } => !froms.contains(&a.rel),
+            Op::Copy { .. } => {
+                if let Some(spec) = moved.remove(&a.rel) {
+                    a.op = Op::Move(Box::new(spec));
+                }
+                true
+            }
+            _ => true,
+        });
+        self.deletes = self.deletes.saturating_sub(n);
+        self.creates = self.creates.saturating_sub(n);
     }
 
     /// True when the plan changes nothing in the replica.

@@ -7,6 +7,9 @@
 //! A source directory that cannot be read is *unknown*, never empty: its replica twin is
 //! left alone, nothing below it is deleted. Excluded names are invisible on both sides.
 //! Leftover temp files of an interrupted pass are removed when met.
+//!
+//! With moves on, the replica files the plan deletes (alone, or below a deleted directory)
+//! are listed with their cached hashes (`Plan::gone`), for `moves` to pair with new files.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -18,7 +21,7 @@ use crate::compare::{Compare, FileVerdict};
 use crate::config::Excludes;
 use crate::error::{EntryError, MountPoint, Side};
 use crate::model::{is_temp_name, Entry, Kind, Meta, RelPath};
-use crate::plan::{Action, LinkSpec, Op, Plan, Reason, RepLink, SrcLink};
+use crate::plan::{Action, Gone, LinkSpec, Op, Plan, Reason, RepLink, SrcLink};
 use crate::state::cache::{CachedFile, Delta, DirRecord, Recall};
 
 /// Everything a scan reads; shared by all scan threads.
@@ -36,6 +39,9 @@ pub struct Ctx<'a> {
     pub watch: Option<&'a crate::watch::Watcher>,
     /// A partial pass: only the dirty directories (and what leads to them) are walked.
     pub scope: Option<&'a crate::watch::dirty::DirtySet>,
+    /// Look for moves: replica files the plan deletes are noted (`Plan::gone`) for
+    /// `moves::Finder` (the replica can rename, and `--no-moves` was not given).
+    pub moves: bool,
 }
 
 /// How a directory's cache record must change after the pass, as far as the scan knows:
@@ -179,7 +185,8 @@ fn walk(
         }
         rep_kept.push(e);
     }
-    let record = if !src_entries.is_empty() && !rep_kept.is_empty() {
+    // The record vouches for files on both sides, and for deleted ones that a move may reuse.
+    let record = if !rep_kept.is_empty() && (!src_entries.is_empty() || ctx.moves) {
         ctx.recall.dir(rel).unwrap_or_default()
     } else {
         DirRecord::default()
@@ -284,7 +291,7 @@ fn decide(
     }
     match (src, rep) {
         (None, None) => {}
-        (None, Some(r)) => delete(ctx, &rel, &r.meta, &mut c),
+        (None, Some(r)) => delete(ctx, &rel, &r, Some(record), &mut c),
         (Some(s), None) => {
             note_links(ctx, &rel, &s.meta, None, &mut c);
             create(ctx, &rel, &s.meta, is_mount(ctx, &s), &mut c)
@@ -296,7 +303,9 @@ fn decide(
                 skip_special(&rel, &mut c);
             } else if sk != rk {
                 // Replace: the old entry goes first (apply runs deletions before creations).
-                delete(ctx, &rel, &r.meta, &mut c);
+                // A file replaced by another kind is not a move's source: the new entry
+                // may need its name before any move runs.
+                delete(ctx, &rel, &r, None, &mut c);
                 c.plan.plan.replica_entries -= 1;
                 create(ctx, &rel, &s.meta, is_mount(ctx, &s), &mut c);
             } else {
@@ -473,11 +482,20 @@ fn create(ctx: &Ctx, rel: &RelPath, meta: &Meta, mount: bool, c: &mut Child) {
     }
 }
 
-/// Plans the removal of a replica entry whose source is gone.
-fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
+/// Plans the removal of a replica entry whose source is gone. `record`: its directory's
+/// cache record when the entry, a file, may be a move's source (its name is free in the
+/// source).
+fn delete(
+    ctx: &Ctx,
+    rel: &RelPath,
+    rep: &crate::model::RepEntry,
+    record: Option<&DirRecord>,
+    c: &mut Child,
+) {
     c.changed = true;
+    let meta = &rep.meta;
     if meta.kind == Kind::Dir {
-        let (entries, excluded) = count_tree(ctx, rel);
+        let (entries, excluded, gone) = count_tree(ctx, rel);
         if excluded {
             // Excluded entries (and mount points) are never deleted: remove the rest, keep
             // the directory.
@@ -487,6 +505,7 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
             return;
         }
         let plan = &mut c.plan.plan;
+        plan.gone.extend(gone);
         plan.replica_entries += entries + 1;
         plan.deletes += entries + 1;
         plan.actions.push(Action {
@@ -498,6 +517,9 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
         });
     } else {
         let plan = &mut c.plan.plan;
+        if let Some(record) = record.filter(|_| ctx.moves) {
+            plan.gone.extend(gone(ctx, rel, rep, record));
+        }
         plan.replica_entries += 1;
         plan.deletes += 1;
         plan.actions.push(Action {
@@ -510,29 +532,69 @@ fn delete(ctx: &Ctx, rel: &RelPath, meta: &Meta, c: &mut Child) {
     }
 }
 
+/// A deleted replica file as a move may reuse it (see `moves`): a regular file with one
+/// name, with its hash when the record vouches for its version.
+fn gone(
+    ctx: &Ctx,
+    rel: &RelPath,
+    rep: &crate::model::RepEntry,
+    record: &DirRecord,
+) -> Option<Gone> {
+    if rep.meta.kind != Kind::File || rep.meta.link.is_some() {
+        return None;
+    }
+    let name = rel.file_name()?;
+    let hash = record
+        .find(name.as_bytes())
+        .filter(|c| c.kind == Kind::File && !ctx.compare.checksum && c.rep == rep.version)
+        .map(|c| c.hash);
+    Some(Gone {
+        rel: rel.clone(),
+        size: rep.meta.size,
+        version: rep.version.clone(),
+        hash,
+    })
+}
+
 /// Counts the entries below a replica directory (never following symlinks) and says whether
-/// any of them must stay: an excluded entry, or a mount point (`--one-file-system`).
-fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool) {
+/// any of them must stay: an excluded entry, or a mount point (`--one-file-system`). With
+/// moves on, also lists the files below it that a move may reuse.
+fn count_tree(ctx: &Ctx, rel: &RelPath) -> (u64, bool, Vec<Gone>) {
     let entries = match ctx.compare.replica.list(rel) {
         Ok(v) => v,
-        Err(e) if MountPoint::of(&e).is_some() => return (0, true),
-        Err(_) => return (0, false),
+        Err(e) if MountPoint::of(&e).is_some() => return (0, true, Vec::new()),
+        Err(_) => return (0, false, Vec::new()),
+    };
+    let record = match ctx.moves && entries.iter().any(|e| e.meta.kind == Kind::File) {
+        true => ctx.recall.dir(rel).unwrap_or_default(),
+        false => DirRecord::default(),
     };
     entries
         .par_iter()
         .map(|e| {
             let is_dir = e.meta.kind == Kind::Dir;
             if ctx.excludes.excludes(rel, &e.name, is_dir) {
-                return (0, true);
+                return (0, true, Vec::new());
             }
+            let child = rel.join(&e.name);
             if is_dir {
-                let (n, x) = count_tree(ctx, &rel.join(&e.name));
-                (n + 1, x)
+                let (n, x, gone) = count_tree(ctx, &child);
+                (n + 1, x, gone)
             } else {
-                (1, false)
+                let gone = match ctx.moves {
+                    true => gone(ctx, &child, e, &record).into_iter().collect(),
+                    false => Vec::new(),
+                };
+                (1, false, gone)
             }
         })
-        .reduce(|| (0, false), |a, b| (a.0 + b.0, a.1 || b.1))
+        .reduce(
+            || (0, false, Vec::new()),
+            |mut a, b| {
+                a.2.extend(b.2);
+                (a.0 + b.0, a.1 || b.1, a.2)
+            },
+        )
 }
 
 /// The record vouches that the attributes of the directory or symlink `name` were in sync

@@ -13,6 +13,8 @@ mod engine;
 mod hygiene;
 #[path = "cli/metadata.rs"]
 mod metadata;
+#[path = "cli/moves.rs"]
+mod moves;
 #[path = "cli/s3.rs"]
 mod s3;
 #[path = "cli/safety.rs"]

@@ -105,7 +105,7 @@ fn print_human(st: &JobStatus, dir: &Path) -> std::result::Result<(), term::Clos
     }
     match &st.last_pass {
         Some(p) => term::out(format_args!(
-            "  last pass: {} {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, meta {}, \
+            "  last pass: {} {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, moved {}, meta {}, \
              copied {} bytes, hashed {} files, errors {}, skipped {}",
             p.started,
             p.result,
@@ -114,6 +114,7 @@ fn print_human(st: &JobStatus, dir: &Path) -> std::result::Result<(), term::Clos
             p.counts.updated,
             p.counts.drifted,
             p.counts.deleted,
+            p.counts.moved,
             p.counts.meta,
             p.counts.bytes_copied,
             p.counts.hashed_files,

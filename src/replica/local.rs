@@ -117,6 +117,7 @@ pub fn capabilities(owner: bool) -> Capabilities {
         xattrs: true,
         holes: true,
         atomic_rename: true,
+        rename: true,
         read_back: true,
         meta_in_place: true,
     }

@@ -39,6 +39,9 @@ pub struct Capabilities {
     pub holes: bool,
     /// A rename replaces its target atomically.
     pub atomic_rename: bool,
+    /// An entry can be renamed within the replica without copying it (`rename`): a file
+    /// moved in the source is then moved, not copied again.
+    pub rename: bool,
     /// Content can be read back (to hash it, or to restore).
     pub read_back: bool,
     /// A file's metadata can be changed without writing its content again (an object

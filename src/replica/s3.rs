@@ -894,6 +894,7 @@ impl Replica for S3Replica {
             xattrs: false,
             holes: false,
             atomic_rename: false,
+            rename: false,
             read_back: true,
             meta_in_place: false,
         }
