@@ -8,16 +8,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-/// The last `PASS END` line of the job's schedule log.
-fn last_pass_end(env: &Env) -> String {
-    env.schedule_log()
-        .lines()
-        .rev()
-        .find(|l| l.contains("PASS END"))
-        .unwrap_or_else(|| panic!("no PASS END in the schedule log:\n{}", env.schedule_log()))
-        .to_string()
-}
-
 /// `(files, bytes)` from the `hashed F files / B bytes` field of the last `PASS END` line.
 fn hashed_in_log(env: &Env) -> (u64, u64) {
     let line = last_pass_end(env);

@@ -96,6 +96,16 @@ impl Env {
     }
 }
 
+/// The last `PASS END` line of the job's schedule log.
+pub fn last_pass_end(env: &Env) -> String {
+    env.schedule_log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("PASS END"))
+        .unwrap_or_else(|| panic!("no PASS END in the schedule log:\n{}", env.schedule_log()))
+        .to_string()
+}
+
 pub fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
 }

@@ -10,20 +10,10 @@ use std::process::Command;
 
 use crate::common::*;
 
-/// The last `PASS END` line of the job's schedule log.
-fn pass_end(env: &Env) -> String {
-    env.schedule_log()
-        .lines()
-        .rev()
-        .find(|l| l.contains("PASS END"))
-        .unwrap_or_else(|| panic!("no PASS END in the schedule log:\n{}", env.schedule_log()))
-        .to_string()
-}
-
 /// The number before `word` in the last `PASS END` line (`moved 3`: `count(env, "moved")`;
 /// `copied 0 bytes`: `count(env, "copied")`).
 fn count(env: &Env, word: &str) -> u64 {
-    let line = pass_end(env);
+    let line = last_pass_end(env);
     let rest = line
         .split(&format!(" {word} "))
         .nth(1)
@@ -141,7 +131,7 @@ fn a_renamed_directory_and_files_moved_between_directories_copy_nothing() {
     let before = env.io_log();
     env.mirror_ok(&[]);
     let lines = new_io_lines(&env, &before);
-    assert_eq!(count(&env, "copied"), 0, "{}", pass_end(&env));
+    assert_eq!(count(&env, "copied"), 0, "{}", last_pass_end(&env));
     assert_eq!(with_word(&lines, "MOVE").len(), 2500);
     assert_eq!(count(&env, "moved"), 2500);
     assert_eq!(count(&env, "created"), 0);
@@ -169,7 +159,7 @@ fn a_renamed_directory_and_files_moved_between_directories_copy_nothing() {
         (count(&env, "hashed"), count(&env, "moved")),
         (0, 0),
         "{}",
-        pass_end(&env)
+        last_pass_end(&env)
     );
     assert!(new_io_lines(&env, &before).is_empty());
 }
@@ -346,7 +336,7 @@ fn a_moved_file_gets_the_sources_metadata_and_the_next_pass_reads_nothing() {
 
     let before = env.io_log();
     env.mirror_ok(&[]);
-    assert_eq!(count(&env, "hashed"), 0, "{}", pass_end(&env));
+    assert_eq!(count(&env, "hashed"), 0, "{}", last_pass_end(&env));
     assert!(new_io_lines(&env, &before).is_empty());
 }
 
