@@ -1085,9 +1085,6 @@ impl Replica for S3Replica {
     ) -> io::Result<Option<Version>> {
         match meta.kind {
             Kind::Dir => {
-                if !rel.is_root() && self.listed(rel).is_none() {
-                    // Made by this pass (markers of new directories are written by mkdir).
-                }
                 if rel.is_root() && !self.target.prefix.is_empty() {
                     *self.exists.lock().expect("exists") = true;
                 }
