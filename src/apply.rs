@@ -119,43 +119,59 @@ pub fn line(action: &Action) -> String {
     }
 }
 
+/// The phase an action runs in (see the module comment); also orders a dry run's lines for
+/// one path.
+pub fn phase(action: &Action) -> u8 {
+    match action.op {
+        Op::Delete { .. } => 0,
+        Op::Mkdir => 1,
+        Op::Move(_) => 2,
+        Op::Copy { .. } | Op::Link(_) | Op::Meta { .. } => 3,
+        Op::HardLink { .. } => 4,
+        Op::DirMeta { .. } => 5,
+    }
+}
+
 impl Applier<'_> {
-    /// Applies the plan. Files are applied in chunks of `CHUNK_ACTIONS`; after each chunk,
-    /// `commit` receives what it wrote (and drains it), so memory does not grow with the
-    /// number of files copied and the cache can record each chunk once it is durable.
+    /// Applies the plan, reading it once per phase (it may be on disk, see `spill`): what is
+    /// numerous (deletions, moves, files) streams through in chunks of `CHUNK_ACTIONS`, what
+    /// must be sorted (directories) or is rare (hard links, deletions held for moves) is
+    /// collected. After each chunk of moves or files, `commit` receives what it wrote (and
+    /// drains it), so memory does not grow with the number of files copied and the cache can
+    /// record each chunk once it is durable.
     pub fn apply(
         &self,
         plan: &Plan,
         mut commit: impl FnMut(Vec<(RelPath, Written)>, Vec<Fixed>),
     ) -> Applied {
-        let mut deletes = Vec::new();
-        let mut held = Vec::new();
+        // Directories that hold a move's source: deleted only after the moves.
+        let mut holding: HashSet<PathBuf> = HashSet::new();
         let mut mkdirs = Vec::new();
-        let mut moves = Vec::new();
-        let mut work = Vec::new();
         let mut dir_metas = Vec::new();
         let mut hard_links = Vec::new();
-        // Directories that hold a move's source: deleted only after the moves.
-        let mut holding: HashSet<&Path> = HashSet::new();
-        for a in &plan.actions {
-            if let Op::Move(m) = &a.op {
-                holding.extend(m.from.as_path().ancestors().skip(1));
-            }
-        }
-        for a in &plan.actions {
-            match a.op {
+        let mut dir_deletes = Vec::new();
+        let (mut file_deletes, mut moves, mut work) = (0usize, 0usize, 0usize);
+        for a in plan.iter() {
+            match &a.op {
+                Op::Move(m) => {
+                    moves += 1;
+                    holding.extend(m.from.as_path().ancestors().skip(1).map(Path::to_path_buf));
+                }
                 Op::Delete {
                     kind: Kind::Dir, ..
-                } if holding.contains(a.rel.as_path()) => held.push(a),
-                Op::Delete { .. } => deletes.push(a),
-                Op::Move(_) => moves.push(a),
-                Op::Mkdir => mkdirs.push(a),
-                Op::DirMeta { .. } => dir_metas.push(a),
-                Op::HardLink { .. } => hard_links.push(a),
-                _ => work.push(a),
+                } => dir_deletes.push(a.into_owned()),
+                Op::Delete { .. } => file_deletes += 1,
+                Op::Mkdir => mkdirs.push(a.into_owned()),
+                Op::DirMeta { .. } => dir_metas.push(a.into_owned()),
+                Op::HardLink { .. } => hard_links.push(a.into_owned()),
+                Op::Copy { .. } | Op::Link(_) | Op::Meta { .. } => work += 1,
             }
         }
-        let run = |list: &[&Action]| {
+        let (held, deletes): (Vec<Action>, Vec<Action>) = dir_deletes
+            .into_iter()
+            .partition(|a| holding.contains(a.rel.as_path()));
+        drop(holding);
+        let run = |list: &[Action]| {
             list.par_iter()
                 .map(|a| self.one(a))
                 .reduce(Applied::default, Applied::merge)
@@ -171,22 +187,57 @@ impl Applier<'_> {
             }
         }
         let mut done = run(&deletes);
-        mkdirs.sort_by(|a, b| a.rel.cmp(&b.rel));
-        for a in mkdirs {
-            done = done.merge(self.one(a));
-        }
-        // Moves and files in chunks, each chunk's cache entries handed to `commit`.
-        let mut chunked = |list: &[&Action], done: Applied| {
-            list.chunks(CHUNK_ACTIONS).fold(done, |done, chunk| {
+        drop(deletes);
+        // The actions of one phase, read from the plan and run chunk by chunk, each chunk's
+        // cache entries handed to `commit`.
+        let mut stream = |pick: fn(&Op) -> bool, done: Applied| {
+            let mut chunk = Vec::with_capacity(CHUNK_ACTIONS);
+            let mut done = done;
+            let mut flush = |chunk: &mut Vec<Action>, done: Applied| {
                 let mut part = run(chunk);
+                chunk.clear();
                 commit(
                     std::mem::take(&mut part.written),
                     std::mem::take(&mut part.fixed),
                 );
                 done.merge(part)
-            })
+            };
+            for a in plan.iter().filter(|a| pick(&a.op)) {
+                if cancel::requested() {
+                    break;
+                }
+                chunk.push(a.into_owned());
+                if chunk.len() == CHUNK_ACTIONS {
+                    done = flush(&mut chunk, done);
+                }
+            }
+            if !chunk.is_empty() {
+                done = flush(&mut chunk, done);
+            }
+            done
         };
-        done = chunked(&moves, done);
+        if file_deletes > 0 {
+            done = stream(
+                |op| {
+                    matches!(
+                        op,
+                        Op::Delete {
+                            kind: Kind::File | Kind::Symlink | Kind::Special,
+                            ..
+                        }
+                    )
+                },
+                done,
+            );
+        }
+        mkdirs.sort_by(|a, b| a.rel.cmp(&b.rel));
+        for a in &mkdirs {
+            done = done.merge(self.one(a));
+        }
+        drop(mkdirs);
+        if moves > 0 {
+            done = stream(|op| matches!(op, Op::Move(_)), done);
+        }
         // What is left of a directory whose files all moved out is only directories: no
         // backup keeps those (nothing is lost; the files live on under their new names).
         done = held
@@ -200,12 +251,17 @@ impl Applier<'_> {
             })
             .reduce(Applied::default, Applied::merge)
             .merge(done);
-        done = chunked(&work, done);
+        if work > 0 {
+            done = stream(
+                |op| matches!(op, Op::Copy { .. } | Op::Link(_) | Op::Meta { .. }),
+                done,
+            );
+        }
         // Hard links once every file is in place (a group's first name may be copied in any
         // chunk).
         done = done.merge(run(&hard_links));
         dir_metas.sort_by_key(|a| std::cmp::Reverse(a.rel.depth()));
-        for a in dir_metas {
+        for a in &dir_metas {
             done = done.merge(self.one(a));
         }
         done

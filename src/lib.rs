@@ -28,6 +28,7 @@ pub mod plan;
 pub mod replica;
 pub mod scan;
 pub mod source;
+pub mod spill;
 pub mod state;
 pub mod term;
 pub mod watch;

@@ -17,6 +17,37 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(Box<Path>);
 
+/// As raw bytes (a plan spilled to disk, see `spill`): never through UTF-8.
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.as_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for RelPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes: &[u8] = Deserialize::deserialize(d)?;
+        Ok(RelPath::from_bytes(bytes))
+    }
+}
+
+/// A `PathBuf` as raw bytes, for `#[serde(with = "path_bytes")]` (serde's own impl refuses
+/// a path that is not UTF-8).
+pub mod path_bytes {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::PathBuf;
+
+    pub fn serialize<S: serde::Serializer>(p: &std::path::Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(p.as_os_str().as_bytes())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        let bytes: &[u8] = serde::Deserialize::deserialize(d)?;
+        Ok(PathBuf::from(OsStr::from_bytes(bytes)))
+    }
+}
+
 impl Default for RelPath {
     fn default() -> Self {
         RelPath::root()
@@ -219,7 +250,7 @@ impl Version {
 }
 
 /// A moment as seconds and nanoseconds since the epoch, as `stat` gives it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Stamp {
     pub sec: i64,
     pub nsec: i64,
@@ -233,7 +264,7 @@ impl Stamp {
 
 /// The metadata syncer mirrors, as either side reports it. Portable: nothing here is
 /// specific to a local filesystem (the source's stat token travels beside it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     pub kind: Kind,
     /// Permission bits, including setuid/setgid/sticky (`mode & 0o7777`).
@@ -249,7 +280,7 @@ pub struct Meta {
 }
 
 /// The identity of a file with several names (hard links) on one side: device and inode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LinkKey(pub u64, pub u64);
 
 impl Meta {
@@ -307,7 +338,7 @@ pub type SrcEntry = Entry<Token>;
 pub type RepEntry = Entry<Version>;
 
 /// What this pass already knows about a file it is about to copy (plain data for the plan).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Hint {
     /// The source's token and hash, hashed by this pass: if the token still matches, the
     /// content is copied without hashing it again (in the kernel, for a local replica).

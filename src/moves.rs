@@ -32,10 +32,8 @@ pub struct Finder<'a> {
     pub counters: &'a HashCounters,
 }
 
-/// A new source file that may be a moved one: its action, and its content once hashed.
+/// A new source file that may be a moved one, and its content once hashed.
 struct Want {
-    /// Index of its `Copy` action in the plan.
-    action: usize,
     rel: RelPath,
     size: u64,
     token: Token,
@@ -52,17 +50,14 @@ impl Finder<'_> {
             return;
         }
         let sizes: HashSet<u64> = gone.iter().map(|g| g.size).collect();
-        let replaced: HashSet<&RelPath> = plan
-            .actions
+        let replaced: HashSet<RelPath> = plan
             .iter()
             .filter(|a| matches!(a.op, Op::Delete { .. }))
-            .map(|a| &a.rel)
+            .map(|a| a.rel.clone())
             .collect();
-        let candidates: Vec<(usize, RelPath, u64)> = plan
-            .actions
+        let candidates: Vec<(RelPath, u64)> = plan
             .iter()
-            .enumerate()
-            .filter_map(|(i, a)| match a.op {
+            .filter_map(|a| match a.op {
                 Op::Copy {
                     reason: Reason::Create,
                     size,
@@ -71,7 +66,7 @@ impl Finder<'_> {
                     && !replaced.contains(&a.rel)
                     && !skip.contains(&a.rel) =>
                 {
-                    Some((i, a.rel.clone(), size))
+                    Some((a.rel.clone(), size))
                 }
                 _ => None,
             })
@@ -81,13 +76,12 @@ impl Finder<'_> {
         }
         let wants: Vec<Want> = candidates
             .into_par_iter()
-            .filter_map(|(action, rel, size)| {
+            .filter_map(|(rel, size)| {
                 if cancel::requested() {
                     return None;
                 }
                 match self.source.hash(&rel, self.counters) {
                     Ok((hash, token)) if token.size == size => Some(Want {
-                        action,
                         rel,
                         size,
                         token,
@@ -106,13 +100,21 @@ impl Finder<'_> {
         let pairs = pair(&wants, &gone);
         // A new file that found no partner keeps what was learned: its copy need not hash it.
         let paired: HashSet<usize> = pairs.iter().map(|(w, _)| *w).collect();
-        for (i, w) in wants.iter().enumerate() {
-            if paired.contains(&i) {
-                continue;
-            }
-            if let Op::Copy { hint, .. } = &mut plan.actions[w.action].op {
-                *hint = Some(Box::new(Hint::Known(w.token, w.hash)));
-            }
+        let mut learned: HashMap<&RelPath, Hint> = wants
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !paired.contains(i))
+            .map(|(_, w)| (&w.rel, Hint::Known(w.token, w.hash)))
+            .collect();
+        if !learned.is_empty() {
+            plan.rewrite(|a| {
+                if let Op::Copy { hint, .. } = &mut a.op {
+                    if let Some(h) = learned.remove(&a.rel) {
+                        *hint = Some(Box::new(h));
+                    }
+                }
+                true
+            });
         }
         let moves = pairs
             .into_iter()
@@ -211,7 +213,6 @@ mod tests {
 
     fn want(rel: &str, size: u64, h: u8) -> Want {
         Want {
-            action: 0,
             rel: RelPath::from_bytes(rel.as_bytes()),
             size,
             token: Token::default(),

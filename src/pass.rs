@@ -256,6 +256,14 @@ impl<'a> Pass<'a> {
     fn scan(&mut self, trees: &Trees) -> Scanned {
         let counters = HashCounters::default();
         let snapshot = self.cache.snapshot();
+        let spill = crate::spill::Spill::new(&self.cfg.state_dir)
+            .inspect_err(|e| {
+                log::warn!(
+                    "could not write the plan to the state directory ({}); keeping it in memory",
+                    reason(e)
+                )
+            })
+            .ok();
         let ctx = Ctx {
             compare: Compare {
                 source: trees.source.as_ref(),
@@ -272,8 +280,10 @@ impl<'a> Pass<'a> {
             watch: self.watcher,
             scope: self.scope.as_ref().filter(|d| !d.all),
             moves: self.cfg.moves && trees.replica.capabilities().rename,
+            spill: spill.as_ref(),
         };
         let mut scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
+        scanned.plan.spilled = spill.map(crate::spill::Spill::finish);
         scanned.relinked = scanned.plan.resolve_links();
         // Moves after hard links: a name a link group needs is never a move's target.
         let linked: HashSet<RelPath> = scanned.relinked.iter().cloned().collect();
@@ -292,10 +302,16 @@ impl<'a> Pass<'a> {
         scanned
     }
 
-    /// A dry run prints the plan instead of applying it.
+    /// A dry run prints the plan instead of applying it, sorted by path (for one path: in
+    /// the order apply runs its actions).
     fn dry_run(self, plan: &Plan) -> Outcome {
-        for a in &plan.actions {
-            journal::plan_line(format_args!("would {}", apply::line(a)));
+        let mut lines: Vec<(RelPath, u8, String)> = plan
+            .iter()
+            .map(|a| (a.rel.clone(), apply::phase(&a), apply::line(&a)))
+            .collect();
+        lines.sort_unstable();
+        for (_, _, line) in lines {
+            journal::plan_line(format_args!("would {line}"));
         }
         self.conclude()
     }
@@ -369,6 +385,10 @@ impl<'a> Pass<'a> {
         journal::set_bar(None);
         // Applying hashes nothing beyond the copies' own digests: its counts add up.
         self.record.counts += done.counts;
+        if scanned.plan.read_failed() {
+            // Logged when it happened; what was not read was not done.
+            self.record.counts.errors += 1;
+        }
         if cancel::requested() {
             return self.interrupted();
         }
@@ -469,13 +489,10 @@ fn summary(o: Outcome) -> Outcome {
 }
 
 fn progress_bar(plan: &Plan) -> ProgressBar {
-    let (files, bytes) = plan
-        .actions
-        .iter()
-        .fold((0u64, 0u64), |(n, b), a| match a.op {
-            Op::Copy { size, .. } => (n + 1, b + size),
-            _ => (n, b),
-        });
+    let (files, bytes) = plan.iter().fold((0u64, 0u64), |(n, b), a| match a.op {
+        Op::Copy { size, .. } => (n + 1, b + size),
+        _ => (n, b),
+    });
     let bar = ProgressBar::with_draw_target(Some(bytes), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(

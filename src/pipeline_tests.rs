@@ -81,6 +81,7 @@ impl Harness {
             one_fs_dev: None,
             hard_links: false,
             moves: self.moves && self.rep.capabilities().rename,
+            spill: None,
         };
         let src_root = SourceTree::root(&self.src).expect("root");
         let rep_root = Replica::root(&self.rep).expect("root");
@@ -105,12 +106,11 @@ impl Harness {
     fn apply(&self, scanned: Scanned, hashed_files: u64) -> Option<Run> {
         let plan: Vec<String> = scanned
             .plan
-            .actions
             .iter()
             .filter(|a| !matches!(a.op, crate::plan::Op::DirMeta { .. }))
             .map(|a| match &a.op {
                 crate::plan::Op::Move(m) => format!("MOVE {} -> {}", m.from, a.rel),
-                _ => format!("{} {}", describe(a).0, a.rel),
+                _ => format!("{} {}", describe(&a).0, a.rel),
             })
             .collect();
         if self.guard.check(&scanned.plan).is_err() {

@@ -4,14 +4,18 @@
 //! pairs of a move are found by `moves`, which reads), `guard` decides whether it may run,
 //! `apply` executes it.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::EntryError;
-use crate::model::{Hash, Hint, Kind, LinkKey, Meta, RelPath, Token, Version};
+use crate::model::{path_bytes, Hash, Hint, Kind, LinkKey, Meta, RelPath, Token, Version};
+use crate::spill::{Spill, Spilled, BATCH};
 
 /// Why a file is copied; also the word written to the file-I/O log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reason {
     /// Not in the replica yet (`CREATE`).
     Create,
@@ -31,7 +35,7 @@ impl Reason {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Op {
     /// Remove a replica entry (a directory with everything below it, `entries` in all).
     Delete { kind: Kind, entries: u64 },
@@ -67,7 +71,7 @@ pub enum Op {
 
 /// A move: which replica file goes where the source's new file is, and what both were when
 /// the pass found them equal.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveSpec {
     /// The replica file that is renamed (its source is gone).
     pub from: RelPath,
@@ -116,14 +120,15 @@ pub struct RepLink {
 }
 
 /// A symlink to create: boxed in `Op` because links are rare and `Op` is held per change.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinkSpec {
     pub reason: Reason,
+    #[serde(with = "path_bytes")]
     pub target: PathBuf,
     pub meta: Meta,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Action {
     pub rel: RelPath,
     pub op: Op,
@@ -131,8 +136,13 @@ pub struct Action {
 
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Actions in scan order (parents before children, names sorted by bytes).
+    /// Actions held in memory. The scan moves them to `spilled` as it goes; read them all
+    /// with `iter`. Their order carries no meaning: `apply` orders what must be ordered.
     pub actions: Vec<Action>,
+    /// Actions written to disk by the scan (see `spill`), read back by `iter`.
+    pub spilled: Option<Spilled>,
+    /// A read of an earlier spill failed while the plan was rewritten (`read_failed`).
+    pub cut_short: bool,
     /// Entries the scan could not read (each reported once, exit code 1 or a skip).
     pub problems: Vec<EntryError>,
     /// Leftover `.syncer-*.tmp` files of an interrupted pass, removed first by apply.
@@ -155,6 +165,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn merge(mut self, other: Plan) -> Plan {
+        debug_assert!(other.spilled.is_none(), "a spilled plan is never merged");
         self.actions.extend(other.actions);
         self.problems.extend(other.problems);
         self.stale_temps.extend(other.stale_temps);
@@ -223,11 +234,14 @@ impl Plan {
                 }
             }
         }
-        // 2. Source groups.
+        // 2. Source groups. Which of the names that matter are copied (the plan may be on
+        // disk and large: only these are kept).
         let copied: HashSet<RelPath> = self
-            .actions
             .iter()
-            .filter(|a| matches!(a.op, Op::Copy { .. }))
+            .filter(|a| {
+                matches!(a.op, Op::Copy { .. })
+                    && (member.contains_key(&a.rel) || force_copy.contains_key(&a.rel))
+            })
             .map(|a| a.rel.clone())
             .chain(force_copy.keys().cloned())
             .collect();
@@ -257,23 +271,25 @@ impl Plan {
                 touched.extend(g.iter().map(|l| l.rel.clone()));
             }
         }
-        self.actions.retain(|a| {
-            !(replaced.contains(&a.rel) && matches!(a.op, Op::Copy { .. } | Op::Meta { .. }))
-        });
-        for a in &mut self.actions {
+        // A replaced name drops its copy or fix; a name that must get an inode of its own is
+        // copied (its fix becomes a copy, or a copy is added).
+        let mut has_copy: HashSet<RelPath> = HashSet::new();
+        self.rewrite(|a| {
+            if replaced.contains(&a.rel) && matches!(a.op, Op::Copy { .. } | Op::Meta { .. }) {
+                return false;
+            }
             if let (Op::Meta { meta, .. }, Some(size)) = (&a.op, force_copy.get(&a.rel)) {
                 if meta.kind == Kind::File {
                     a.op = copy_op(*size);
                     force_copy.remove(&a.rel);
+                    return true;
                 }
             }
-        }
-        let has_copy: HashSet<RelPath> = self
-            .actions
-            .iter()
-            .filter(|a| matches!(a.op, Op::Copy { .. }))
-            .map(|a| a.rel.clone())
-            .collect();
+            if matches!(a.op, Op::Copy { .. }) && force_copy.contains_key(&a.rel) {
+                has_copy.insert(a.rel.clone());
+            }
+            true
+        });
         for (rel, size) in force_copy {
             if !has_copy.contains(&rel) {
                 self.actions.push(Action {
@@ -299,7 +315,6 @@ impl Plan {
         let froms: HashSet<RelPath> = moved.values().map(|m| m.from.clone()).collect();
         // Deleted directories, and how many of their entries move out.
         let mut out_of: HashMap<RelPath, u64> = self
-            .actions
             .iter()
             .filter(|a| {
                 matches!(
@@ -322,7 +337,7 @@ impl Plan {
                 up = dir.parent();
             }
         }
-        self.actions.retain_mut(|a| match &mut a.op {
+        self.rewrite(|a| match &mut a.op {
             Op::Delete {
                 kind: Kind::Dir,
                 entries,
@@ -345,7 +360,64 @@ impl Plan {
 
     /// True when the plan changes nothing in the replica.
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty() && self.stale_temps.is_empty()
+        self.len() == 0 && self.stale_temps.is_empty()
+    }
+
+    /// Number of actions, on disk and in memory.
+    pub fn len(&self) -> u64 {
+        self.spilled.as_ref().map_or(0, Spilled::len) + self.actions.len() as u64
+    }
+
+    /// Every action: those on disk (read as they are needed), then those in memory.
+    pub fn iter(&self) -> impl Iterator<Item = Cow<'_, Action>> {
+        self.spilled
+            .iter()
+            .flat_map(Spilled::iter)
+            .map(Cow::Owned)
+            .chain(self.actions.iter().map(Cow::Borrowed))
+    }
+
+    /// A read of the spilled actions failed (logged once): the pass did less than planned.
+    pub fn read_failed(&self) -> bool {
+        self.cut_short || self.spilled.as_ref().is_some_and(Spilled::read_failed)
+    }
+
+    /// Keeps the actions for which `f` is true, as `f` changed them: the spilled ones are
+    /// streamed into a new spill in the same directory.
+    pub fn rewrite(&mut self, mut f: impl FnMut(&mut Action) -> bool) {
+        if let Some(old) = self.spilled.take() {
+            let new = Spill::new(old.dir());
+            let mut batch = Vec::new();
+            let mut kept = Vec::new();
+            for mut a in old.iter() {
+                if f(&mut a) {
+                    batch.push(a);
+                }
+                if batch.len() >= BATCH {
+                    if let Ok(new) = &new {
+                        new.append(&mut batch);
+                    }
+                    kept.append(&mut batch);
+                }
+            }
+            if let Ok(new) = &new {
+                new.append(&mut batch);
+            }
+            kept.append(&mut batch);
+            self.cut_short |= old.read_failed();
+            drop(old);
+            match new {
+                Ok(new) => self.spilled = Some(new.finish()),
+                Err(e) => log::warn!(
+                    "could not write the plan to the state directory ({}); keeping it in memory",
+                    crate::error::reason(&e)
+                ),
+            }
+            self.actions.retain_mut(&mut f);
+            self.actions.extend(kept);
+        } else {
+            self.actions.retain_mut(f);
+        }
     }
 }
 

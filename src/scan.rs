@@ -42,6 +42,9 @@ pub struct Ctx<'a> {
     /// Look for moves: replica files the plan deletes are noted (`Plan::gone`) for
     /// `moves::Finder` (the replica can rename, and `--no-moves` was not given).
     pub moves: bool,
+    /// Where actions go as they are found, so that the plan's memory does not grow with the
+    /// number of changes (`None`: they stay in memory).
+    pub spill: Option<&'a crate::spill::Spill>,
 }
 
 /// How a directory's cache record must change after the pass, as far as the scan knows:
@@ -204,6 +207,7 @@ fn walk(
         copies |= child.copies;
         files.extend(child.cached);
         out = out.merge(child.plan);
+        spill(ctx, &mut out, crate::spill::batch());
     }
     if src.is_some() {
         let delta = Delta::between(&record.files, files);
@@ -240,7 +244,17 @@ fn walk(
             });
         }
     }
+    spill(ctx, &mut out, crate::spill::batch() / 4);
     out
+}
+
+/// Moves the actions found so far to the spill once there are at least `at` of them.
+fn spill(ctx: &Ctx, out: &mut Scanned, at: usize) {
+    if let Some(s) = ctx.spill {
+        if out.plan.actions.len() >= at {
+            s.append(&mut out.plan.actions);
+        }
+    }
 }
 
 type Pair<S, R> = (OsString, Option<S>, Option<R>);

@@ -21,8 +21,12 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_syncer")))
 }
 
+/// The binary, with every plan action going through the on-disk spill (the path a large
+/// tree takes), however small the test tree.
 pub fn syncer() -> Command {
-    Command::new(bin())
+    let mut c = Command::new(bin());
+    c.env("SYNCER_TEST_SPILL_AT", "1");
+    c
 }
 
 /// A scratch area with a source, a replica and a state directory.
