@@ -199,14 +199,11 @@ impl Token {
 
     /// The token as an opaque replica version (what a local replica reports).
     pub fn to_version(&self) -> Version {
-        let mut v = SmallVec::new();
-        for x in [self.dev, self.ino, self.size] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        for x in [self.mtime_ns, self.ctime_ns] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        Version(v)
+        // Varints (postcard): about 27 bytes instead of 40, in every cache entry.
+        let mut buf = [0u8; 50];
+        let fields = (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns);
+        let used = postcard::to_slice(&fields, &mut buf).map_or(0, |b| b.len());
+        Version::from_bytes(&buf[..used])
     }
 }
 

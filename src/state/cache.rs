@@ -8,8 +8,9 @@
 //! the moment it was hashed is "racy" (a second write within the same clock tick would leave
 //! the token unchanged) and is re-hashed by the next pass, as git does for its index.
 //!
-//! Records are encoded with postcard: integers as varints, so a file's entry is about 105
-//! bytes plus its name (bincode 1, unmaintained, took 135).
+//! Records are encoded with postcard: integers as varints, so a file's entry is about 90
+//! bytes plus its name (bincode 1, unmaintained, took 135; with a local replica's version in
+//! fixed-width integers, 105).
 //!
 //! The database also records which source and replica it belongs to (a foreign cache is
 //! cleared, not trusted) and one summary per pass. It is written only after the pass's data
@@ -28,8 +29,8 @@ const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
-/// 5: postcard records (4 was bincode 1).
-const FORMAT: &[u8] = b"syncer-cache-5";
+/// 5: postcard records (4 was bincode 1). 6: a local replica's versions as varints.
+const FORMAT: &[u8] = b"syncer-cache-6";
 
 /// How many pass summaries the database keeps.
 const KEEP_PASSES: u64 = 1000;
@@ -487,12 +488,12 @@ mod tests {
         };
         let bytes = postcard::to_allocvec(&record).expect("encode");
         assert_eq!(decode(&bytes).expect("decode").files, record.files);
-        // A file's entry: name, kind, token as varints, 40-byte version, hash, two flags.
+        // A file's entry: name, kind, token and version as varints, hash, two flags.
         let one = postcard::to_allocvec(&DirRecord {
             files: vec![record.files[0].clone()],
         })
         .expect("encode");
-        assert!(one.len() <= 110, "{} bytes", one.len());
+        assert!(one.len() <= 96, "{} bytes", one.len());
         assert!(decode(&bytes[..bytes.len() / 2]).is_none());
     }
 
