@@ -27,8 +27,8 @@ use rayon::prelude::*;
 use crate::cancel;
 use crate::error::{EntryError, Side, WriteOp};
 use crate::journal;
-use crate::model::{show, Counts, Hash, Hint, Kind, RelPath, Token, Version, Xattrs};
-use crate::plan::{Action, MoveSpec, Op, Plan, Reason};
+use crate::model::{show, Counts, Entry, Hash, Hint, Kind, Meta, RelPath, Token, Version, Xattrs};
+use crate::plan::{Action, DirMove, MoveSpec, Op, Plan, Reason};
 use crate::replica::{CopyError, Installed, Replica};
 use crate::source::SourceTree;
 
@@ -106,15 +106,27 @@ pub fn describe(action: &Action) -> (&'static str, String) {
         Op::Meta { .. } | Op::DirMeta { .. } => ("META", String::new()),
         Op::HardLink { to, .. } => ("LINK", format!(" => {to}")),
         Op::Move(m) => ("MOVE", format!(" size={} sha256={}", m.size, m.hash)),
+        Op::MoveDir(d) => ("MOVE", format!(" files={}", d.files.len())),
     }
 }
 
 /// An action as one line: `WORD path detail`, a move as `MOVE old -> new detail` (dry runs
-/// print it; the file-I/O log has the same shape).
+/// print it; the file-I/O log has the same shape). A renamed directory is one line per file.
 pub fn line(action: &Action) -> String {
     let (word, detail) = describe(action);
     match &action.op {
         Op::Move(m) => format!("{word} {} -> {}{detail}", m.from, action.rel),
+        Op::MoveDir(d) => d
+            .files
+            .iter()
+            .map(|(to, m)| {
+                format!(
+                    "{word} {} -> {to} size={} sha256={}",
+                    m.from, m.size, m.hash
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
         _ => format!("{word} {}{detail}", action.rel),
     }
 }
@@ -125,7 +137,7 @@ pub fn phase(action: &Action) -> u8 {
     match action.op {
         Op::Delete { .. } => 0,
         Op::Mkdir => 1,
-        Op::Move(_) => 2,
+        Op::Move(_) | Op::MoveDir(_) => 2,
         Op::Copy { .. } | Op::Link(_) | Op::Meta { .. } => 3,
         Op::HardLink { .. } => 4,
         Op::DirMeta { .. } => 5,
@@ -156,6 +168,10 @@ impl Applier<'_> {
                 Op::Move(m) => {
                     moves += 1;
                     holding.extend(m.from.as_path().ancestors().skip(1).map(Path::to_path_buf));
+                }
+                Op::MoveDir(d) => {
+                    moves += 1;
+                    holding.extend(d.from.as_path().ancestors().skip(1).map(Path::to_path_buf));
                 }
                 Op::Delete {
                     kind: Kind::Dir, ..
@@ -236,7 +252,7 @@ impl Applier<'_> {
         }
         drop(mkdirs);
         if moves > 0 {
-            done = stream(|op| matches!(op, Op::Move(_)), done);
+            done = stream(|op| matches!(op, Op::Move(_) | Op::MoveDir(_)), done);
         }
         // What is left of a directory whose files all moved out is only directories: no
         // backup keeps those (nothing is lost; the files live on under their new names).
@@ -285,6 +301,7 @@ impl Applier<'_> {
                 return self.delete(rel, *kind, *entries, self.backup.is_some())
             }
             Op::Move(m) => return self.move_file(rel, m),
+            Op::MoveDir(d) => return self.move_dir(rel, d),
             Op::Mkdir => match self.replica.mkdir(rel) {
                 Ok(()) => {
                     journal::action(word, rel, format_args!(""));
@@ -469,6 +486,135 @@ impl Applier<'_> {
             Err(e) => return out.merge(Applied::problem(EntryError::write(WriteOp::Meta, to, e))),
         }
         out
+    }
+
+    /// Renames the replica directory `d.from` to `to`, after checking that both sides are
+    /// still what the scan paired: the replica directory holds exactly the files of `d`, each
+    /// at its version, and each source file has its token. Each file then gets the source's
+    /// metadata unless the cache vouched that it had it (`MoveSpec::in_sync`). Otherwise, or
+    /// if the rename fails, the directory is made and each file moved on its own, and what is
+    /// left of the old directory is deleted, as the plan would have done without moves.
+    fn move_dir(&self, to: &RelPath, d: &DirMove) -> Applied {
+        let checked = self.check_dir_move(to, d);
+        let renamed = checked.and_then(|sources| {
+            self.replica
+                .rename(&d.from, to)
+                .map(|()| sources)
+                .map_err(|e| crate::error::reason(&e))
+        });
+        let sources = match renamed {
+            Ok(s) => s,
+            Err(why) => {
+                log::debug!(
+                    "could not move directory '{}' to '{to}' ({why}); moving its files one by one",
+                    d.from
+                );
+                return self.move_dir_by_files(to, d);
+            }
+        };
+        let mut done = Applied::default();
+        done.dropped.push(d.from.clone());
+        d.files
+            .par_iter()
+            .zip(sources.par_iter())
+            .map(|((to, m), (meta, rep))| {
+                journal::action(
+                    "MOVE",
+                    &m.from,
+                    format_args!(" -> {to} size={} sha256={}", m.size, m.hash),
+                );
+                let mut out = Applied::counted(Counts {
+                    moved: 1,
+                    ..Counts::default()
+                });
+                let rep = if m.in_sync {
+                    rep.clone()
+                } else {
+                    let xattrs = match self.source_xattrs(to, Kind::File) {
+                        Ok(x) => x,
+                        Err(e) => return out.merge(Applied::problem(e)),
+                    };
+                    match self.replica.set_meta(to, meta, xattrs.as_ref(), None) {
+                        Ok(Some(rep)) => rep,
+                        Ok(None) => {
+                            return out.merge(Applied::problem(EntryError::ChangedInReplica {
+                                rel: to.clone(),
+                            }))
+                        }
+                        Err(e) => {
+                            return out.merge(Applied::problem(EntryError::write(
+                                WriteOp::Meta,
+                                to,
+                                e,
+                            )))
+                        }
+                    }
+                };
+                out.written.push((
+                    to.clone(),
+                    Written {
+                        src: m.src,
+                        rep,
+                        hash: m.hash,
+                        xattrs: self.xattrs,
+                    },
+                ));
+                out
+            })
+            .reduce(Applied::default, Applied::merge)
+            .merge(done)
+    }
+
+    /// The source metadata and the replica version of each file of a directory move, in
+    /// the order of `d.files`, if both sides are still what the scan paired.
+    fn check_dir_move(&self, to: &RelPath, d: &DirMove) -> Result<Vec<(Meta, Version)>, String> {
+        let reason = |e: io::Error| crate::error::reason(&e);
+        let rep = self.replica.list(&d.from).map_err(reason)?;
+        if rep.len() != d.files.len() {
+            return Err("the replica directory changed since it was listed".into());
+        }
+        let src = self.source.list(to).map_err(reason)?;
+        // Both listings are sorted by name (bytes).
+        fn find<'e, V>(list: &'e [Entry<V>], name: &std::ffi::OsStr) -> Option<&'e Entry<V>> {
+            use std::os::unix::ffi::OsStrExt;
+            list.binary_search_by(|e| e.name.as_bytes().cmp(name.as_bytes()))
+                .ok()
+                .map(|i| &list[i])
+        }
+        let mut out = Vec::with_capacity(d.files.len());
+        for (to, m) in &d.files {
+            let name = to.file_name().unwrap_or_default();
+            let r = find(&rep, m.from.file_name().unwrap_or_default())
+                .filter(|r| r.meta.kind == Kind::File && r.version == m.rep);
+            let s = find(&src, name).filter(|s| s.meta.kind == Kind::File && s.version == m.src);
+            match (s, r) {
+                (Some(s), Some(r)) => out.push((s.meta, r.version.clone())),
+                _ => {
+                    return Err(format!(
+                        "'{to}' or '{}' changed since it was hashed",
+                        m.from
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A directory move that cannot be done whole: the directory is made, each file moved
+    /// (or copied) on its own, and the old directory deleted.
+    fn move_dir_by_files(&self, to: &RelPath, d: &DirMove) -> Applied {
+        let made = self.one(&Action {
+            rel: to.clone(),
+            op: Op::Mkdir,
+        });
+        let moved = d
+            .files
+            .par_iter()
+            .map(|(to, m)| self.move_file(to, m))
+            .reduce(Applied::default, Applied::merge);
+        let keep = self.backup.is_some() && !self.only_dirs(&d.from);
+        made.merge(moved)
+            .merge(self.delete(&d.from, Kind::Dir, 1, keep))
     }
 
     /// A move that cannot be done: what the plan had before it, a copy of the new file and

@@ -175,7 +175,7 @@ impl Kind {
 /// A local file's identity and version as the kernel reports it. Any write to a file changes
 /// its ctime, so an equal token means the content has not changed since it was last hashed.
 /// This is the source side's version of a file, and what a local replica's [`Version`] holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct Token {
     pub dev: u64,
     pub ino: u64,

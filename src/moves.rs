@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::cancel;
 use crate::model::{Hash, HashCounters, Hint, RelPath, Token};
-use crate::plan::{Gone, MoveSpec, Op, Plan, Reason};
+use crate::plan::{DirMove, Gone, MoveSpec, Op, Plan, Reason};
 use crate::replica::Replica;
 use crate::source::SourceTree;
 
@@ -74,11 +74,48 @@ impl Finder<'_> {
         if candidates.is_empty() {
             return;
         }
+        // A file inside a renamed directory keeps its token (a directory's rename changes
+        // no file's ctime): when the cache vouched for a deleted file with that very token,
+        // its hash is the new file's, and the file need not be read. The tokens come from
+        // one listing of each candidate's directory.
+        let known: HashMap<Token, Hash> = gone
+            .iter()
+            .filter_map(|g| Some((g.synced?, g.hash?)))
+            .collect();
+        let listed: HashMap<RelPath, Token> = match known.is_empty() {
+            true => HashMap::new(),
+            false => {
+                let dirs: HashSet<RelPath> = candidates
+                    .iter()
+                    .filter_map(|(rel, _)| rel.parent())
+                    .collect();
+                dirs.into_par_iter()
+                    .flat_map_iter(|dir| {
+                        let entries = self.source.list(&dir).unwrap_or_default();
+                        entries
+                            .into_iter()
+                            .map(move |e| (dir.join(&e.name), e.version))
+                    })
+                    .collect()
+            }
+        };
         let wants: Vec<Want> = candidates
             .into_par_iter()
             .filter_map(|(rel, size)| {
                 if cancel::requested() {
                     return None;
+                }
+                if let Some((token, hash)) = listed
+                    .get(&rel)
+                    .and_then(|t| Some((*t, *known.get(t)?)))
+                    .filter(|(t, _)| t.size == size)
+                {
+                    return Some(Want {
+                        rel,
+                        size,
+                        token,
+                        hash,
+                    });
                 }
                 match self.source.hash(&rel, self.counters) {
                     Ok((hash, token)) if token.size == size => Some(Want {
@@ -116,7 +153,7 @@ impl Finder<'_> {
                 true
             });
         }
-        let moves = pairs
+        let moves: Vec<(RelPath, MoveSpec)> = pairs
             .into_iter()
             .map(|(w, g)| {
                 let (w, g) = (&wants[w], &gone[g]);
@@ -128,11 +165,14 @@ impl Finder<'_> {
                         src: w.token,
                         hash: w.hash,
                         size: w.size,
+                        in_sync: g.synced == Some(w.token),
                     },
                 )
             })
             .collect();
-        plan.take_moves(moves);
+        let (dirs, files) = whole_dirs(plan, moves);
+        plan.take_dir_moves(dirs);
+        plan.take_moves(files);
     }
 
     /// Hashes the deleted files the cache does not vouch for, but only those of a size for
@@ -170,6 +210,80 @@ impl Finder<'_> {
                 }
             });
     }
+}
+
+/// Moves of single files: each new path and its move.
+type Moves = Vec<(RelPath, MoveSpec)>;
+
+/// Finds the renamed directories among the moves: a directory the plan creates whose every
+/// new entry is a file moved from one directory the plan deletes, under the same name, and
+/// which takes every entry of that directory. Each becomes one `DirMove` (returned with the
+/// new directory's path); the other moves are returned as they were.
+///
+/// Only such whole, flat directories qualify: one with sub-directories, or whose files went
+/// to several places or came with new ones, is moved file by file.
+fn whole_dirs(plan: &Plan, moves: Moves) -> (Vec<(RelPath, DirMove)>, Moves) {
+    // Moves that keep their name, by (new directory, old directory).
+    let mut groups: HashMap<(RelPath, RelPath), Vec<(RelPath, MoveSpec)>> = HashMap::new();
+    let mut single = Vec::new();
+    for (to, m) in moves {
+        match (to.parent(), m.from.parent()) {
+            (Some(dn), Some(dold)) if to.file_name() == m.from.file_name() => {
+                groups.entry((dn, dold)).or_default().push((to, m))
+            }
+            _ => single.push((to, m)),
+        }
+    }
+    if groups.is_empty() {
+        return (Vec::new(), single);
+    }
+    // Each directory may take part in one group only.
+    let mut per_new: HashMap<RelPath, usize> = HashMap::new();
+    let mut per_old: HashMap<RelPath, usize> = HashMap::new();
+    for (dn, dold) in groups.keys() {
+        *per_new.entry(dn.clone()).or_default() += 1;
+        *per_old.entry(dold.clone()).or_default() += 1;
+    }
+    // What the plan does in and to those directories.
+    let mut made: HashSet<RelPath> = HashSet::new();
+    let mut deleted: HashMap<RelPath, u64> = HashMap::new();
+    let mut below: HashMap<RelPath, usize> = HashMap::new();
+    for a in plan.iter() {
+        match a.op {
+            Op::Mkdir if per_new.contains_key(&a.rel) => {
+                made.insert(a.rel.clone());
+            }
+            Op::Delete {
+                kind: crate::model::Kind::Dir,
+                entries,
+            } if per_old.contains_key(&a.rel) => {
+                deleted.insert(a.rel.clone(), entries);
+            }
+            _ => {}
+        }
+        let mut up = a.rel.parent();
+        while let Some(dir) = up {
+            if per_new.contains_key(&dir) {
+                *below.entry(dir.clone()).or_default() += 1;
+            }
+            up = dir.parent();
+        }
+    }
+    let mut dirs = Vec::new();
+    for ((dn, dold), files) in groups {
+        let n = files.len();
+        let whole = per_new[&dn] == 1
+            && per_old[&dold] == 1
+            && made.contains(&dn)
+            && deleted.get(&dold) == Some(&(n as u64 + 1))
+            && below.get(&dn) == Some(&n);
+        if whole {
+            dirs.push((dn, DirMove { from: dold, files }));
+        } else {
+            single.extend(files);
+        }
+    }
+    (dirs, single)
 }
 
 /// Pairs new files with deleted ones of the same size and hash; returns `(want, gone)`
@@ -226,6 +340,7 @@ mod tests {
             size,
             version: Version::default(),
             hash: h.map(|h| Hash([h; 32])),
+            synced: None,
         }
     }
 

@@ -307,7 +307,13 @@ impl<'a> Pass<'a> {
     fn dry_run(self, plan: &Plan) -> Outcome {
         let mut lines: Vec<(RelPath, u8, String)> = plan
             .iter()
-            .map(|a| (a.rel.clone(), apply::phase(&a), apply::line(&a)))
+            .flat_map(|a| {
+                let (rel, phase) = (a.rel.clone(), apply::phase(&a));
+                apply::line(&a)
+                    .lines()
+                    .map(|l| (rel.clone(), phase, l.to_string()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         lines.sort_unstable();
         for (_, _, line) in lines {

@@ -110,6 +110,9 @@ impl Harness {
             .filter(|a| !matches!(a.op, crate::plan::Op::DirMeta { .. }))
             .map(|a| match &a.op {
                 crate::plan::Op::Move(m) => format!("MOVE {} -> {}", m.from, a.rel),
+                crate::plan::Op::MoveDir(d) => {
+                    format!("MOVE DIR {} -> {} ({} files)", d.from, a.rel, d.files.len())
+                }
                 _ => format!("{} {}", describe(&a).0, a.rel),
             })
             .collect();
@@ -449,7 +452,7 @@ fn renames(calls: &[String]) -> Vec<&String> {
 }
 
 #[test]
-fn a_renamed_directory_becomes_renames_and_the_next_pass_reads_nothing() {
+fn a_renamed_directory_that_gained_a_file_becomes_renames_and_the_next_pass_reads_nothing() {
     let h = Harness::new(full_caps());
     h.src.dir("d");
     h.src.file("d/a", b"alpha", 0o644, 10);
@@ -460,26 +463,34 @@ fn a_renamed_directory_becomes_renames_and_the_next_pass_reads_nothing() {
     move_in_source(&h, "d", "e");
     // A move may come with a new mode: the renamed file gets the source's metadata.
     h.src.edit("e/b", |n| n.meta.perm = 0o600);
+    // A new file in it: the directory is not renamed whole, its files are.
+    h.src.file("e/c", b"charlie", 0o644, 10);
     let run = h.pass().expect("a move deletes nothing the guard counts");
     assert_eq!(
         run.plan,
-        ["RMDIR d", "MKDIR e", "MOVE d/a -> e/a", "MOVE d/b -> e/b"]
+        [
+            "RMDIR d",
+            "MKDIR e",
+            "MOVE d/a -> e/a",
+            "MOVE d/b -> e/b",
+            "CREATE e/c"
+        ]
     );
     let c = run.applied.counts;
-    assert_eq!((c.moved, c.created, c.bytes_copied), (2, 0, 0));
+    assert_eq!((c.moved, c.created, c.bytes_copied), (2, 1, 7));
     assert_eq!(c.deleted, 1, "only the emptied directory is deleted");
     assert_eq!(
         run.hashed_files, 2,
-        "the new files, not the cached replica ones"
+        "the new files of a size some deleted file has, not the cached replica ones"
     );
     let calls = h.rep.take_calls();
-    assert!(installs(&calls).is_empty(), "{calls:?}");
+    assert_eq!(installs(&calls).len(), 1, "{calls:?}");
     assert_eq!(renames(&calls), ["rename d/a", "rename d/b"]);
     // Order: the new directory first, then the renames, then what is left of the old one.
     let at = |c: &str| calls.iter().position(|x| x == c).expect(c);
     assert!(at("mkdir e") < at("rename d/a"), "{calls:?}");
     assert!(at("rename d/b") < at("remove d"), "{calls:?}");
-    assert_eq!(h.rep.paths(), ["e", "e/a", "e/b", "keep"]);
+    assert_eq!(h.rep.paths(), ["e", "e/a", "e/b", "e/c", "keep"]);
     assert_eq!(h.rep.get("e/b").expect("moved").meta.perm, 0o600);
     assert_eq!(h.rep.get("e/a").expect("moved").data, b"alpha");
     let idle = h.pass().expect("idle");
@@ -488,6 +499,64 @@ fn a_renamed_directory_becomes_renames_and_the_next_pass_reads_nothing() {
         idle.hashed_files, 0,
         "the cache knows the moved files by their new names"
     );
+}
+
+#[test]
+fn a_renamed_directory_is_one_rename_and_the_next_pass_reads_nothing() {
+    let h = Harness::new(full_caps());
+    h.src.dir("p");
+    h.src.dir("p/d");
+    h.src.file("p/d/a", b"alpha", 0o644, 10);
+    h.src.file("p/d/b", b"bravo", 0o644, 10);
+    h.src.dir("q");
+    h.pass().expect("first pass");
+    h.rep.take_calls();
+    move_in_source(&h, "p/d", "q/e");
+    h.src.edit("q/e/b", |n| n.meta.perm = 0o600);
+    let run = h.pass().expect("a move deletes nothing the guard counts");
+    assert_eq!(run.plan, ["MOVE DIR p/d -> q/e (2 files)"]);
+    let c = run.applied.counts;
+    assert_eq!(
+        (c.moved, c.created, c.deleted, c.bytes_copied),
+        (2, 0, 0, 0)
+    );
+    let calls = h.rep.take_calls();
+    assert!(installs(&calls).is_empty(), "{calls:?}");
+    assert_eq!(renames(&calls), ["rename p/d"]);
+    assert_eq!(h.rep.paths(), ["p", "q", "q/e", "q/e/a", "q/e/b"]);
+    assert_eq!(h.rep.get("q/e/b").expect("moved").meta.perm, 0o600);
+    assert_eq!(h.rep.get("q/e/a").expect("moved").data, b"alpha");
+    let idle = h.pass().expect("idle");
+    assert!(idle.plan.is_empty(), "{:?}", idle.plan);
+    assert_eq!(
+        idle.hashed_files, 0,
+        "the cache knows the files by their new path"
+    );
+}
+
+#[test]
+fn a_directory_move_whose_replica_file_changed_meanwhile_moves_file_by_file() {
+    let h = Harness::new(full_caps());
+    h.src.dir("d");
+    h.src.file("d/a", b"alpha", 0o644, 10);
+    h.src.file("d/b", b"bravo", 0o644, 10);
+    h.pass().expect("first pass");
+    move_in_source(&h, "d", "e");
+    let (scanned, hashed) = h.scan();
+    // After the scan paired them, someone rewrites a replica file.
+    h.rep.file("d/a", b"ALPHA", 0o644, 10);
+    h.rep.take_calls();
+    let run = h.apply(scanned, hashed).expect("not refused");
+    assert_eq!(run.plan, ["MOVE DIR d -> e (2 files)"]);
+    let calls = h.rep.take_calls();
+    assert_eq!(
+        renames(&calls),
+        ["rename d/b"],
+        "only the file that is unchanged"
+    );
+    assert_eq!(installs(&calls).len(), 1, "the other is copied: {calls:?}");
+    assert_eq!(h.rep.paths(), ["e", "e/a", "e/b"]);
+    assert_eq!(h.rep.get("e/a").expect("copied").data, b"alpha");
 }
 
 #[test]
@@ -549,8 +618,10 @@ fn the_guard_counts_a_move_as_neither_a_deletion_nor_a_creation() {
     h.pass().expect("first pass");
     move_in_source(&h, "d", "e");
     h.guard = Guard::Count(1);
+    // A new file keeps the directory from being renamed whole: its files are moved.
+    h.src.file("e/new", b"new", 0o644, 1);
     let (scanned, _) = h.scan();
-    assert_eq!((scanned.plan.deletes, scanned.plan.creates), (1, 1));
+    assert_eq!((scanned.plan.deletes, scanned.plan.creates), (1, 2));
     h.moves = false;
     assert!(h.pass().is_none(), "without moves, 21 deletions exceed 1");
     h.moves = true;

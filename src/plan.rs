@@ -67,6 +67,18 @@ pub enum Op {
     /// Rename a replica file the source no longer has to this name, where the source has a
     /// new file with the same content (see `moves`): no byte is copied.
     Move(Box<MoveSpec>),
+    /// Rename a whole replica directory the source no longer has to this name, where the
+    /// source has a new directory holding the same files under the same names (see `moves`).
+    MoveDir(Box<DirMove>),
+}
+
+/// A renamed directory: the replica directory `from` becomes the action's path. `files` are
+/// the moves of each of its files (their new paths and what was checked), which is all it
+/// holds; the directory is created and each file moved on its own if either side changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirMove {
+    pub from: RelPath,
+    pub files: Vec<(RelPath, MoveSpec)>,
 }
 
 /// A move: which replica file goes where the source's new file is, and what both were when
@@ -84,6 +96,10 @@ pub struct MoveSpec {
     /// The content both have.
     pub hash: Hash,
     pub size: u64,
+    /// The cache vouches that the replica file's metadata and extended attributes were in
+    /// sync with this very source token (a file inside a renamed directory keeps its token):
+    /// nothing but the rename is needed.
+    pub in_sync: bool,
 }
 
 /// A replica file the plan deletes, alone or inside a deleted directory, as the scan met it:
@@ -95,6 +111,9 @@ pub struct Gone {
     pub version: Version,
     /// Its sha256, when the cache vouches for this version.
     pub hash: Option<Hash>,
+    /// The source token its metadata and extended attributes were last in sync with, when
+    /// the cache vouches for that.
+    pub synced: Option<Token>,
 }
 
 /// A source file with several names, as the scan met it.
@@ -300,6 +319,38 @@ impl Plan {
         }
         self.actions.extend(links);
         touched
+    }
+
+    /// Turns each whole directory found by `moves::Finder` into one `MoveDir`: the new
+    /// directory is not made, the old one not deleted, and none of its files copied. The guard
+    /// counts none of it.
+    pub fn take_dir_moves(&mut self, moves: Vec<(RelPath, DirMove)>) {
+        if moves.is_empty() {
+            return;
+        }
+        let dirs: HashSet<RelPath> = moves.iter().map(|(to, _)| to.clone()).collect();
+        let froms: HashSet<RelPath> = moves.iter().map(|(_, d)| d.from.clone()).collect();
+        let targets: HashSet<RelPath> = moves
+            .iter()
+            .flat_map(|(_, d)| d.files.iter().map(|(to, _)| to.clone()))
+            .collect();
+        self.rewrite(|a| match a.op {
+            Op::Mkdir => !dirs.contains(&a.rel),
+            Op::Delete {
+                kind: Kind::Dir, ..
+            } => !froms.contains(&a.rel),
+            Op::Copy { .. } => !targets.contains(&a.rel),
+            _ => true,
+        });
+        for (to, d) in moves {
+            let n = d.files.len() as u64 + 1;
+            self.deletes = self.deletes.saturating_sub(n);
+            self.creates = self.creates.saturating_sub(n);
+            self.actions.push(Action {
+                rel: to,
+                op: Op::MoveDir(Box::new(d)),
+            });
+        }
     }
 
     /// Turns each pair found by `moves::Finder` into a move: the create at `to` becomes a

@@ -558,15 +558,17 @@ fn gone(
         return None;
     }
     let name = rel.file_name()?;
-    let hash = record
+    let cached = record
         .find(name.as_bytes())
-        .filter(|c| c.kind == Kind::File && !ctx.compare.checksum && c.rep == rep.version)
-        .map(|c| c.hash);
+        .filter(|c| c.kind == Kind::File && !ctx.compare.checksum && c.rep == rep.version);
     Some(Gone {
         rel: rel.clone(),
         size: rep.meta.size,
         version: rep.version.clone(),
-        hash,
+        hash: cached.map(|c| c.hash),
+        synced: cached
+            .filter(|c| !c.src_racy && (c.xattrs || !ctx.compare.caps.xattrs))
+            .map(|c| c.src),
     })
 }
 

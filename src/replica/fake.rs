@@ -479,11 +479,27 @@ impl Replica for Fake {
         if self.node(to).is_ok() {
             return Err(io::ErrorKind::AlreadyExists.into());
         }
-        let n = self.node(from)?;
+        self.node(from)?;
         self.call("rename", from);
         let mut st = self.state.lock().expect("fake lock");
-        st.nodes.remove(from);
-        st.nodes.insert(to.clone(), n);
+        // The entry and everything below it.
+        let moved: Vec<RelPath> = st
+            .nodes
+            .keys()
+            .filter(|k| k.as_path().starts_with(from.as_path()))
+            .cloned()
+            .collect();
+        for old in moved {
+            let n = st.nodes.remove(&old).expect("listed");
+            let rest = old.as_path().strip_prefix(from.as_path()).expect("below");
+            let new = match rest.as_os_str().is_empty() {
+                true => to.clone(),
+                false => {
+                    RelPath::from_bytes(to.as_path().join(rest).as_os_str().as_encoded_bytes())
+                }
+            };
+            st.nodes.insert(new, n);
+        }
         Ok(())
     }
 
