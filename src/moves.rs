@@ -55,9 +55,14 @@ impl Finder<'_> {
             .filter(|a| matches!(a.op, Op::Delete { .. }))
             .map(|a| a.rel.clone())
             .collect();
+        let mut made: HashSet<RelPath> = HashSet::new();
         let candidates: Vec<(RelPath, u64)> = plan
             .iter()
             .filter_map(|a| match a.op {
+                Op::Mkdir => {
+                    made.insert(a.rel.clone());
+                    None
+                }
                 Op::Copy {
                     reason: Reason::Create,
                     size,
@@ -85,16 +90,21 @@ impl Finder<'_> {
         let listed: HashMap<RelPath, Token> = match known.is_empty() {
             true => HashMap::new(),
             false => {
+                // Only new directories can be renamed ones.
+                let wanted: HashSet<&RelPath> = candidates.iter().map(|(rel, _)| rel).collect();
                 let dirs: HashSet<RelPath> = candidates
                     .iter()
                     .filter_map(|(rel, _)| rel.parent())
+                    .filter(|dir| made.contains(dir))
                     .collect();
                 dirs.into_par_iter()
                     .flat_map_iter(|dir| {
                         let entries = self.source.list(&dir).unwrap_or_default();
-                        entries
-                            .into_iter()
-                            .map(move |e| (dir.join(&e.name), e.version))
+                        let wanted = &wanted;
+                        entries.into_iter().filter_map(move |e| {
+                            let rel = dir.join(&e.name);
+                            wanted.contains(&rel).then_some((rel, e.version))
+                        })
                     })
                     .collect()
             }
