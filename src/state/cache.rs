@@ -29,8 +29,9 @@ const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
-/// 5: postcard records (4 was bincode 1). 6: a local replica's versions as varints.
-const FORMAT: &[u8] = b"syncer-cache-6";
+/// 5: postcard records (4 was bincode 1). 6: a local replica's versions as varints. 7: each
+/// record in chunks of at most one page.
+const FORMAT: &[u8] = b"syncer-cache-7";
 
 /// How many pass summaries the database keeps.
 const KEEP_PASSES: u64 = 1000;
@@ -91,15 +92,90 @@ impl Snapshot {
 impl Recall for Snapshot {
     fn dir(&self, rel: &RelPath) -> Option<DirRecord> {
         let table = self.table.as_ref()?;
-        let guard = table.get(rel.as_bytes()).ok()??;
-        decode(guard.value())
+        read_record(table, rel.as_bytes())
+            .ok()?
+            .map(|files| DirRecord { files })
     }
 }
 
-/// A stored directory record, or `None` if it cannot be decoded (the directory is then
-/// simply hashed again).
-fn decode(bytes: &[u8]) -> Option<DirRecord> {
+/// A directory's record is stored in chunks of about this many bytes at most, each under
+/// its own key (`chunk_key`), so that a chunk fits one of redb's 4 KiB pages: a whole
+/// record of 100 files (about 9.3 KB) took a 16 KiB page, most of it empty.
+const CHUNK_BYTES: usize = 3800;
+
+/// The key of chunk `i` of the record of directory `dir`: its path, a NUL (which no path
+/// holds), and the chunk number. A directory's chunks sort together and before the keys of
+/// its sub-directories (`dir/...`).
+fn chunk_key(dir: &[u8], i: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(dir.len() + 5);
+    k.extend_from_slice(dir);
+    k.push(0);
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
+/// All chunk keys of directory `dir`: from `dir\0` up to (not including) `dir\1`.
+fn chunk_range(dir: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut lo = dir.to_vec();
+    lo.push(0);
+    let mut hi = dir.to_vec();
+    hi.push(1);
+    (lo, hi)
+}
+
+/// A directory's stored files, in name order: `None` when it has no record, or when a chunk
+/// cannot be decoded (the directory is then simply hashed again).
+fn read_record(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    dir: &[u8],
+) -> Result<Option<Vec<CachedFile>>, String> {
+    let (lo, hi) = chunk_range(dir);
+    let mut files = Vec::new();
+    let mut any = false;
+    for entry in table
+        .range::<&[u8]>(lo.as_slice()..hi.as_slice())
+        .map_err(db_err)?
+    {
+        let (_, chunk) = entry.map_err(db_err)?;
+        any = true;
+        match decode(chunk.value()) {
+            Some(mut part) => files.append(&mut part),
+            None => return Ok(None),
+        }
+    }
+    Ok(any.then_some(files))
+}
+
+/// One stored chunk, or `None` if it cannot be decoded.
+fn decode(bytes: &[u8]) -> Option<Vec<CachedFile>> {
     postcard::from_bytes(bytes).ok()
+}
+
+/// The chunks of a record: each a postcard sequence of files (its length, then the files),
+/// at most `CHUNK_BYTES` long unless one file alone is longer.
+fn encode(files: &[CachedFile]) -> Result<Vec<Vec<u8>>, String> {
+    let mut chunks = Vec::new();
+    let mut body = Vec::new();
+    let mut n = 0usize;
+    let mut close = |body: &mut Vec<u8>, n: &mut usize| -> Result<(), String> {
+        let mut chunk = postcard::to_allocvec(n).map_err(db_err)?;
+        chunk.append(body);
+        chunks.push(chunk);
+        *n = 0;
+        Ok(())
+    };
+    for f in files {
+        let one = postcard::to_allocvec(f).map_err(db_err)?;
+        if n > 0 && body.len() + one.len() + 10 > CHUNK_BYTES {
+            close(&mut body, &mut n)?;
+        }
+        body.extend_from_slice(&one);
+        n += 1;
+    }
+    if n > 0 {
+        close(&mut body, &mut n)?;
+    }
+    Ok(chunks)
 }
 
 fn db_err(e: impl std::fmt::Display) -> String {
@@ -267,16 +343,10 @@ impl Cache {
         {
             let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
             for tree in dropped_trees {
-                let key = tree.as_bytes().to_vec();
-                dirs.remove(key.as_slice()).map_err(db_err)?;
-                let (lo, hi) = child_range(&key);
-                let doomed: Vec<Vec<u8>> = dirs
-                    .range::<&[u8]>(lo.as_slice()..hi.as_slice())
-                    .map_err(db_err)?
-                    .filter_map(|e| e.ok().map(|(k, _)| k.value().to_vec()))
-                    .collect();
-                for k in doomed {
-                    dirs.remove(k.as_slice()).map_err(db_err)?;
+                let key = tree.as_bytes();
+                for (lo, hi) in [chunk_range(key), child_range(key)] {
+                    dirs.retain_in::<&[u8], _>(lo.as_slice()..hi.as_slice(), |_, _| false)
+                        .map_err(db_err)?;
                 }
             }
             for (dir, delta) in drafts {
@@ -318,12 +388,7 @@ impl Cache {
 
 /// The files of a directory's stored record (none if it has no record or cannot be read).
 fn stored(dirs: &redb::Table<&[u8], &[u8]>, dir: &RelPath) -> Result<Vec<CachedFile>, String> {
-    Ok(dirs
-        .get(dir.as_bytes())
-        .map_err(db_err)?
-        .and_then(|g| decode(g.value()))
-        .map(|r| r.files)
-        .unwrap_or_default())
+    Ok(read_record(dirs, dir.as_bytes())?.unwrap_or_default())
 }
 
 /// The difference between a directory's stored record and what a scan found.
@@ -402,14 +467,15 @@ fn put(
     dir: &RelPath,
     mut files: Vec<CachedFile>,
 ) -> Result<(), String> {
-    if files.is_empty() {
-        dirs.remove(dir.as_bytes()).map_err(db_err)?;
-        return Ok(());
-    }
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    let bytes = postcard::to_allocvec(&DirRecord { files }).map_err(db_err)?;
-    dirs.insert(dir.as_bytes(), bytes.as_slice())
+    let (lo, hi) = chunk_range(dir.as_bytes());
+    dirs.retain_in::<&[u8], _>(lo.as_slice()..hi.as_slice(), |_, _| false)
         .map_err(db_err)?;
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    for (i, chunk) in encode(&files)?.iter().enumerate() {
+        let key = chunk_key(dir.as_bytes(), i as u32);
+        dirs.insert(key.as_slice(), chunk.as_slice())
+            .map_err(db_err)?;
+    }
     Ok(())
 }
 
@@ -486,15 +552,82 @@ mod tests {
         let record = DirRecord {
             files: vec![a, f("b", 2)],
         };
-        let bytes = postcard::to_allocvec(&record).expect("encode");
-        assert_eq!(decode(&bytes).expect("decode").files, record.files);
+        let chunks = encode(&record.files).expect("encode");
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(decode(&chunks[0]).expect("decode"), record.files);
         // A file's entry: name, kind, token and version as varints, hash, two flags.
-        let one = postcard::to_allocvec(&DirRecord {
-            files: vec![record.files[0].clone()],
-        })
-        .expect("encode");
+        let one = postcard::to_allocvec(&record.files[0]).expect("encode");
         assert!(one.len() <= 96, "{} bytes", one.len());
-        assert!(decode(&bytes[..bytes.len() / 2]).is_none());
+        assert!(decode(&chunks[0][..chunks[0].len() / 2]).is_none());
+    }
+
+    #[test]
+    fn a_large_record_is_stored_in_chunks_of_a_page_and_read_back_whole() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path());
+        let dir = RelPath::from_bytes(b"d");
+        let files: Vec<CachedFile> = (0..300)
+            .map(|i| {
+                let mut c = f(&format!("file-{i:04}"), 1_000_000 + i);
+                c.src.mtime_ns = 1_700_000_000_000_000_000 + i as i64;
+                c.rep = c.src.to_version();
+                c.hash = Hash([i as u8; 32]);
+                c
+            })
+            .collect();
+        let chunks = encode(&files).expect("encode");
+        assert!(chunks.len() > 1, "300 files do not fit one page");
+        assert!(chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
+        let mut drafts = HashMap::new();
+        let mut change = BTreeMap::new();
+        change.insert(
+            dir.clone(),
+            DirChange {
+                written: files.clone(),
+                fixed: Vec::new(),
+            },
+        );
+        cache.record_chunk(change, &mut drafts).expect("record");
+        // A neighbour whose name starts like it is not mixed in.
+        let mut next = BTreeMap::new();
+        next.insert(
+            RelPath::from_bytes(b"d0"),
+            DirChange {
+                written: vec![f("x", 1)],
+                fixed: Vec::new(),
+            },
+        );
+        cache.record_chunk(next, &mut drafts).expect("record");
+        let got = cache.snapshot().dir(&dir).expect("stored");
+        assert_eq!(got.files, files);
+        // Written again smaller, no chunk of the longer record is left behind.
+        let mut shrink = BTreeMap::new();
+        shrink.insert(
+            dir.clone(),
+            DirChange {
+                written: Vec::new(),
+                fixed: Vec::new(),
+            },
+        );
+        let mut drafts: HashMap<RelPath, Delta> = HashMap::new();
+        drafts.insert(
+            dir.clone(),
+            Delta {
+                upserts: Vec::new(),
+                removed: files[1..].iter().map(|c| c.name.clone()).collect(),
+            },
+        );
+        cache.record_chunk(shrink, &mut drafts).expect("record");
+        assert_eq!(
+            cache.snapshot().dir(&dir).expect("stored").files,
+            files[..1]
+        );
+        // A dropped tree takes its chunks and its sub-directories' with it.
+        cache
+            .finish(HashMap::new(), std::slice::from_ref(&dir), &[], 1, "{}")
+            .expect("finish");
+        assert!(cache.snapshot().dir(&dir).is_none());
+        assert!(cache.snapshot().dir(&RelPath::from_bytes(b"d0")).is_some());
     }
 
     #[test]
