@@ -264,6 +264,11 @@ impl<'a> Pass<'a> {
                 )
             })
             .ok();
+        // Settled drafts are written during the scan, except in a dry run (which writes
+        // nothing) and into a replica that does not exist yet.
+        let commit = || trees.replica.commit();
+        let settled = (!self.cfg.dry_run && trees.rep_root.is_some())
+            .then(|| crate::state::cache::Settled::new(self.cache, &commit));
         let ctx = Ctx {
             compare: Compare {
                 source: trees.source.as_ref(),
@@ -281,9 +286,17 @@ impl<'a> Pass<'a> {
             scope: self.scope.as_ref().filter(|d| !d.all),
             moves: self.cfg.moves && trees.replica.capabilities().rename,
             spill: spill.as_ref(),
+            settled: settled.as_ref(),
         };
         let mut scanned = scan::scan(&ctx, &trees.src_root, trees.rep_root.as_ref());
         scanned.plan.spilled = spill.map(crate::spill::Spill::finish);
+        if let Some(settled) = settled {
+            let left = settled.finish();
+            scanned.drafts.extend(
+                left.into_iter()
+                    .map(|(dir, delta)| scan::Draft { dir, delta }),
+            );
+        }
         scanned.relinked = scanned.plan.resolve_links();
         // Moves after hard links: a name a link group needs is never a move's target.
         let linked: HashSet<RelPath> = scanned.relinked.iter().cloned().collect();

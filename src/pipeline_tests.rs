@@ -82,6 +82,7 @@ impl Harness {
             hard_links: false,
             moves: self.moves && self.rep.capabilities().rename,
             spill: None,
+            settled: None,
         };
         let src_root = SourceTree::root(&self.src).expect("root");
         let rep_root = Replica::root(&self.rep).expect("root");

@@ -45,6 +45,9 @@ pub struct Ctx<'a> {
     /// Where actions go as they are found, so that the plan's memory does not grow with the
     /// number of changes (`None`: they stay in memory).
     pub spill: Option<&'a crate::spill::Spill>,
+    /// Where the drafts of directories the pass copies and fixes nothing in go as they are
+    /// found (`None`: they stay in the plan until the pass ends).
+    pub settled: Option<&'a crate::state::cache::Settled<'a>>,
 }
 
 /// How a directory's cache record must change after the pass, as far as the scan knows:
@@ -211,11 +214,13 @@ fn walk(
     }
     if src.is_some() {
         let delta = Delta::between(&record.files, files);
-        if copies || !delta.is_empty() {
-            out.drafts.push(Draft {
+        match ctx.settled {
+            Some(settled) if !copies && !delta.is_empty() => settled.add(rel.clone(), delta),
+            _ if copies || !delta.is_empty() => out.drafts.push(Draft {
                 dir: rel.clone(),
                 delta,
-            });
+            }),
+            _ => {}
         }
     }
     if let Some(src) = src {

@@ -327,6 +327,21 @@ impl Cache {
         txn.commit().map_err(db_err)
     }
 
+    /// Writes drafts (see `Settled`) in one transaction.
+    pub fn record_drafts(&self, drafts: Vec<(RelPath, Delta)>) -> Result<(), String> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
+            for (dir, delta) in drafts {
+                let mut files = stored(&dirs, &dir)?;
+                delta.apply(&mut files);
+                put(&mut dirs, &dir, files)?;
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
     /// Ends a pass: writes the remaining drafts, drops the records of deleted trees and of
     /// the `forget` files (relinked: their versions changed) and stores the pass summary, in
     /// one durable transaction.
@@ -383,6 +398,66 @@ impl Cache {
             }
         }
         txn.commit().map_err(db_err)
+    }
+}
+
+/// Scan drafts of directories where the pass copies and fixes nothing (their records only
+/// learn hashes the scan read, and forget names that are gone), written while the scan still
+/// runs, so that a pass over a large tree without a cache (the first after an upgrade, or
+/// after the cache was lost) does not hold a record for every file until it ends. Each batch
+/// is written after the replica is made durable (`commit`), as any cache write is.
+pub struct Settled<'a> {
+    cache: &'a Cache,
+    commit: &'a (dyn Fn() -> std::io::Result<()> + Sync),
+    pending: std::sync::Mutex<(Vec<(RelPath, Delta)>, usize)>,
+}
+
+/// Entries held before a batch of settled drafts is written, unless the test hook
+/// `SYNCER_TEST_SETTLED_AT` sets it (the integration tests set 1, so that their small trees
+/// take the path a large one takes).
+fn settled_batch() -> usize {
+    static AT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        std::env::var("SYNCER_TEST_SETTLED_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16_384)
+    })
+}
+
+impl<'a> Settled<'a> {
+    pub fn new(cache: &'a Cache, commit: &'a (dyn Fn() -> std::io::Result<()> + Sync)) -> Self {
+        Settled {
+            cache,
+            commit,
+            pending: std::sync::Mutex::new((Vec::new(), 0)),
+        }
+    }
+
+    /// Takes a settled directory's draft; writes the batch once it is large enough.
+    pub fn add(&self, dir: RelPath, delta: Delta) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.1 += delta.upserts.len() + delta.removed.len() + 1;
+        p.0.push((dir, delta));
+        if p.1 < settled_batch() || !self.cache.enabled() {
+            return;
+        }
+        let batch = std::mem::take(&mut p.0);
+        p.1 = 0;
+        let written = (self.commit)()
+            .map_err(|e| crate::error::reason(&e))
+            .and_then(|()| self.cache.record_drafts(batch));
+        if let Err(e) = written {
+            log::warn!("could not update the hash cache: {e}; the next pass hashes again");
+        }
+    }
+
+    /// What is left, for the end of the pass.
+    pub fn finish(self) -> Vec<(RelPath, Delta)> {
+        self.pending
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 }
 
