@@ -9,9 +9,11 @@ use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
 
 pub fn bin() -> PathBuf {
@@ -489,4 +491,71 @@ impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// Kills (SIGKILL, after SIGCONT) and reaps a child process when dropped, unless it has
+/// already been waited for, so a failing test leaves no process behind.
+pub struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    pub fn spawn(mut cmd: Command) -> ChildGuard {
+        ChildGuard(Some(cmd.spawn().expect("spawn")))
+    }
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("child").id()
+    }
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child")
+    }
+    /// Waits for the child to exit, killing it (and failing) after `timeout`.
+    pub fn wait(mut self, timeout: Duration, what: &str) -> Output {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if self.child().try_wait().expect("try_wait").is_some() {
+                return self
+                    .0
+                    .take()
+                    .expect("child")
+                    .wait_with_output()
+                    .expect("output");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{what} did not finish within {timeout:?}");
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `cmd` to completion, failing (and killing it) after `timeout`.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    ChildGuard::spawn(cmd).wait(timeout, "command")
+}
+
+/// `scripts/churn`, which keeps mutating a tree with self-checking files.
+pub fn churn() -> Command {
+    let mut c = Command::new("python3");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/churn"));
+    c
+}
+
+/// syncer's temp files (`.syncer-*.tmp`) anywhere below `root`.
+pub fn temps_in_tree(root: &Path) -> usize {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy();
+            n.starts_with(".syncer-") && n.ends_with(".tmp")
+        })
+        .count()
 }

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,54 +22,6 @@ const MIB: usize = 1 << 20;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// Kills (SIGKILL, after SIGCONT) and reaps a child process when dropped, unless it has
-/// already been waited for, so a failing test leaves no process behind.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn spawn(mut cmd: Command) -> ChildGuard {
-        ChildGuard(Some(cmd.spawn().expect("spawn")))
-    }
-    fn pid(&self) -> u32 {
-        self.0.as_ref().expect("child").id()
-    }
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child")
-    }
-    /// Waits for the child to exit, killing it (and failing) after `timeout`.
-    fn wait(mut self, timeout: Duration, what: &str) -> Output {
-        let t0 = Instant::now();
-        while t0.elapsed() < timeout {
-            if self.child().try_wait().expect("try_wait").is_some() {
-                return self
-                    .0
-                    .take()
-                    .expect("child")
-                    .wait_with_output()
-                    .expect("output");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("{what} did not finish within {timeout:?}");
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGCONT);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Runs `cmd` to completion, failing (and killing it) after `timeout`.
-fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    ChildGuard::spawn(cmd).wait(timeout, "command")
-}
 
 /// Stops the job's daemon when dropped (`syncer stop`, then SIGKILL of the pid it wrote).
 struct DaemonGuard {
@@ -788,12 +740,6 @@ fn symlink_loops_in_the_source_are_mirrored_as_links() {
 // ---------------------------------------------------------------------------------------
 // A daemon under churn
 
-fn churn() -> Command {
-    let mut c = Command::new("python3");
-    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/churn"));
-    c
-}
-
 #[test]
 fn daemon_under_churn_never_exposes_a_torn_file_and_converges() {
     let env = Env::new();
@@ -863,17 +809,6 @@ fn daemon_under_churn_never_exposes_a_torn_file_and_converges() {
         Duration::from_secs(60),
     );
     assert_eq!(code(&v), 0, "{}", text(&v));
-}
-
-fn temps_in_tree(root: &Path) -> usize {
-    walkdir::WalkDir::new(root)
-        .into_iter()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy();
-            n.starts_with(".syncer-") && n.ends_with(".tmp")
-        })
-        .count()
 }
 
 #[test]

@@ -5,8 +5,8 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -244,4 +244,76 @@ fn an_idle_watching_daemon_sleeps_in_poll() {
 
 fn is_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn under_churn_partial_passes_keep_up_and_the_replica_is_exact_within_two_seconds() {
+    let env = Env::new();
+    // Every file in the tree is the churn's own, self-checking (the reader checks them all).
+    let d = Daemon::start(&env, &[], &[]);
+    // Creates, rewrites, appends, renames and deletes of files and directory trees, about
+    // 200 a second, each file landing whole (written beside the tree, then renamed in).
+    let churner = ChildGuard::spawn({
+        let mut c = churn();
+        c.arg("--root")
+            .arg(&env.src)
+            .args(["--seconds", "10", "--seed", "13"]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    });
+    let reader = ChildGuard::spawn({
+        let mut c = churn();
+        c.arg("--reader").arg(&env.rep).args(["--seconds", "10"]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    });
+    let c = churner.wait(Duration::from_secs(60), "churn --root");
+    let stopped = Instant::now();
+    assert_eq!(code(&c), 0, "churn:\n{}", text(&c));
+    // The bound: exact within 2 s of the last change, by partial passes alone.
+    let exact = wait_for(Duration::from_secs(2), || {
+        mirrored(&env) && temps_in_tree(&env.rep) == 0
+    });
+    let took = stopped.elapsed();
+    assert!(
+        exact,
+        "not exact {took:?} after the churn stopped:\n{}\n{}",
+        rsync_differences(&env.src, &env.rep).unwrap_or_else(|e| e),
+        env.schedule_log()
+    );
+    let r = reader.wait(Duration::from_secs(60), "churn --reader");
+    assert_eq!(code(&r), 0, "a torn replica file was seen:\n{}", text(&r));
+    let said = String::from_utf8_lossy(&r.stdout).to_string();
+    let reads: u64 = said
+        .split("reader: checked ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("odd reader output:\n{}", text(&r)));
+    assert!(
+        reads > 100,
+        "the reader found almost nothing to read:\n{said}"
+    );
+    let v = run_bounded(
+        {
+            let mut c = churn();
+            c.arg("--verify").arg(&env.rep);
+            c
+        },
+        Duration::from_secs(60),
+    );
+    assert_eq!(code(&v), 0, "{}", text(&v));
+    // Only partial passes ran after the first full one, and no event was lost.
+    let log = env.schedule_log();
+    assert_eq!(log.matches("NEXT PASS").count(), 1, "{log}");
+    assert!(log.matches("WATCH PASS").count() >= 5, "{log}");
+    assert!(
+        wait_for(SOON, || d.status()["watch"]["partial_passes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 5),
+        "{}",
+        d.status()
+    );
+    assert_eq!(d.status()["watch"]["overflows"].as_u64(), Some(0));
 }
