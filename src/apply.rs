@@ -131,6 +131,19 @@ pub fn line(action: &Action) -> String {
     }
 }
 
+/// A file renamed into place: its `MOVE old -> new` line, and its count.
+fn moved(to: &RelPath, m: &MoveSpec) -> Applied {
+    journal::action(
+        "MOVE",
+        &m.from,
+        format_args!(" -> {to} size={} sha256={}", m.size, m.hash),
+    );
+    Applied::counted(Counts {
+        moved: 1,
+        ..Counts::default()
+    })
+}
+
 /// The phase an action runs in (see the module comment); also orders a dry run's lines for
 /// one path.
 pub fn phase(action: &Action) -> u8 {
@@ -456,15 +469,7 @@ impl Applier<'_> {
         if let Err(e) = self.replica.rename(&m.from, to) {
             return self.move_fallback(to, m, &crate::error::reason(&e));
         }
-        journal::action(
-            "MOVE",
-            &m.from,
-            format_args!(" -> {to} size={} sha256={}", m.size, m.hash),
-        );
-        let mut out = Applied::counted(Counts {
-            moved: 1,
-            ..Counts::default()
-        });
+        let mut out = moved(to, m);
         // The rename kept the old name's mode, owner, times and attributes: the source's
         // may differ, and the metadata is set whatever it was (it also gives the version the
         // cache records).
@@ -518,15 +523,7 @@ impl Applier<'_> {
             .par_iter()
             .zip(sources.par_iter())
             .map(|((to, m), (meta, rep))| {
-                journal::action(
-                    "MOVE",
-                    &m.from,
-                    format_args!(" -> {to} size={} sha256={}", m.size, m.hash),
-                );
-                let mut out = Applied::counted(Counts {
-                    moved: 1,
-                    ..Counts::default()
-                });
+                let mut out = moved(to, m);
                 let rep = if m.in_sync {
                     rep.clone()
                 } else {

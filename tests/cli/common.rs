@@ -559,3 +559,34 @@ pub fn temps_in_tree(root: &Path) -> usize {
         })
         .count()
 }
+
+/// `scripts/churn` mutating `src` for `seconds`, and a reader checking every file it finds
+/// in `rep` for as long; both with their output captured.
+pub fn churn_and_read(src: &Path, rep: &Path, seconds: u32, seed: u32) -> (ChildGuard, ChildGuard) {
+    let secs = seconds.to_string();
+    let churner = ChildGuard::spawn({
+        let mut c = churn();
+        c.arg("--root")
+            .arg(src)
+            .args(["--seconds", &secs, "--seed", &seed.to_string()]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    });
+    let reader = ChildGuard::spawn({
+        let mut c = churn();
+        c.arg("--reader").arg(rep).args(["--seconds", &secs]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    });
+    (churner, reader)
+}
+
+/// How many replica files the churn reader checked (its last line says).
+pub fn reads_checked(r: &Output) -> u64 {
+    String::from_utf8_lossy(&r.stdout)
+        .split("reader: checked ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("odd reader output:\n{}", text(r)))
+}

@@ -745,20 +745,7 @@ fn daemon_under_churn_never_exposes_a_torn_file_and_converges() {
     let env = Env::new();
     fs::create_dir(&env.rep).expect("mkdir rep");
     let _daemon = start_daemon(&env, "1s");
-    let churner = ChildGuard::spawn({
-        let mut c = churn();
-        c.arg("--root")
-            .arg(&env.src)
-            .args(["--seconds", "20", "--seed", "1"]);
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        c
-    });
-    let reader = ChildGuard::spawn({
-        let mut c = churn();
-        c.arg("--reader").arg(&env.rep).args(["--seconds", "20"]);
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        c
-    });
+    let (churner, reader) = churn_and_read(&env.src, &env.rep, 20, 1);
     let r = reader.wait(Duration::from_secs(60), "churn --reader");
     let c = churner.wait(Duration::from_secs(60), "churn --root");
     assert_eq!(code(&c), 0, "churn:\n{}", text(&c));
@@ -769,16 +756,10 @@ fn daemon_under_churn_never_exposes_a_torn_file_and_converges() {
         text(&r)
     );
     // The reader really read replica files while the daemon was mirroring the churn.
-    let said = String::from_utf8_lossy(&r.stdout).to_string();
-    let reads: u64 = said
-        .split("reader: checked ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("odd reader output:\n{}", text(&r)));
+    let reads = reads_checked(&r);
     assert!(
         reads > 100,
-        "the reader found almost nothing to read:\n{said}"
+        "the reader found almost nothing to read: {reads}"
     );
     let passes = env.schedule_log().matches("PASS END").count();
     assert!(

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -253,20 +253,7 @@ fn under_churn_partial_passes_keep_up_and_the_replica_is_exact_within_two_second
     let d = Daemon::start(&env, &[], &[]);
     // Creates, rewrites, appends, renames and deletes of files and directory trees, about
     // 200 a second, each file landing whole (written beside the tree, then renamed in).
-    let churner = ChildGuard::spawn({
-        let mut c = churn();
-        c.arg("--root")
-            .arg(&env.src)
-            .args(["--seconds", "10", "--seed", "13"]);
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        c
-    });
-    let reader = ChildGuard::spawn({
-        let mut c = churn();
-        c.arg("--reader").arg(&env.rep).args(["--seconds", "10"]);
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        c
-    });
+    let (churner, reader) = churn_and_read(&env.src, &env.rep, 10, 13);
     let c = churner.wait(Duration::from_secs(60), "churn --root");
     let stopped = Instant::now();
     assert_eq!(code(&c), 0, "churn:\n{}", text(&c));
@@ -283,16 +270,10 @@ fn under_churn_partial_passes_keep_up_and_the_replica_is_exact_within_two_second
     );
     let r = reader.wait(Duration::from_secs(60), "churn --reader");
     assert_eq!(code(&r), 0, "a torn replica file was seen:\n{}", text(&r));
-    let said = String::from_utf8_lossy(&r.stdout).to_string();
-    let reads: u64 = said
-        .split("reader: checked ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("odd reader output:\n{}", text(&r)));
+    let reads = reads_checked(&r);
     assert!(
         reads > 100,
-        "the reader found almost nothing to read:\n{said}"
+        "the reader found almost nothing to read: {reads}"
     );
     let v = run_bounded(
         {
