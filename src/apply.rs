@@ -474,15 +474,7 @@ impl Applier<'_> {
         // may differ, and the metadata is set whatever it was (it also gives the version the
         // cache records).
         match self.replica.set_meta(to, &meta, xattrs.as_ref(), None) {
-            Ok(Some(rep)) => out.written.push((
-                to.clone(),
-                Written {
-                    src: m.src,
-                    rep,
-                    hash: m.hash,
-                    xattrs: self.xattrs,
-                },
-            )),
+            Ok(Some(rep)) => out.written.push((to.clone(), self.moved_entry(m, rep))),
             Ok(None) => {
                 return out.merge(Applied::problem(EntryError::ChangedInReplica {
                     rel: to.clone(),
@@ -547,15 +539,7 @@ impl Applier<'_> {
                         }
                     }
                 };
-                out.written.push((
-                    to.clone(),
-                    Written {
-                        src: m.src,
-                        rep,
-                        hash: m.hash,
-                        xattrs: self.xattrs,
-                    },
-                ));
+                out.written.push((to.clone(), self.moved_entry(m, rep)));
                 out
             })
             .reduce(Applied::default, Applied::merge)
@@ -612,6 +596,16 @@ impl Applier<'_> {
         let keep = self.backup.is_some() && !self.only_dirs(&d.from);
         made.merge(moved)
             .merge(self.delete(&d.from, Kind::Dir, 1, keep))
+    }
+
+    /// What the cache records for a file moved into place, at its replica version `rep`.
+    fn moved_entry(&self, m: &MoveSpec, rep: Version) -> Written {
+        Written {
+            src: m.src,
+            rep,
+            hash: m.hash,
+            xattrs: self.xattrs,
+        }
     }
 
     /// A move that cannot be done: what the plan had before it, a copy of the new file and
