@@ -268,6 +268,12 @@ impl Anchor {
         list_fd(fd)
     }
 
+    /// Lists the directory `rel`, reading only the entries `want` asks for (see
+    /// [`list_fd_only`]).
+    pub fn list_only(&self, rel: &RelPath, want: &dyn Fn(&OsStr) -> bool) -> io::Result<Listing> {
+        list_fd_only(self.open_dir(rel)?, want)
+    }
+
     /// `lstat` of `rel` (never following it), `None` when it does not exist.
     pub fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Token)>> {
         if rel.is_root() {
@@ -536,16 +542,32 @@ pub fn subdir(dir: impl AsFd, name: &OsStr, flags: OFlags) -> rustix::io::Result
 
 /// Lists an open directory (see [`Anchor::list`]).
 pub fn list_fd(fd: OwnedFd) -> io::Result<Vec<(OsString, Meta, Token)>> {
+    Ok(list_fd_only(fd, &|_| true)?.0)
+}
+
+/// Entries `(name, lstat)` of a listing, and the names it did not read.
+pub type Listing = (Vec<(OsString, Meta, Token)>, Vec<OsString>);
+
+/// Lists an open directory, reading (`lstat`) only the entries `want` asks for: those
+/// sorted by name bytes, and the other names, sorted too. An entry that vanishes between
+/// `getdents` and `lstat` is left out.
+pub fn list_fd_only(fd: OwnedFd, want: &dyn Fn(&OsStr) -> bool) -> io::Result<Listing> {
     let mut dir = rustix::fs::Dir::new(fd)?;
     let mut out = Vec::new();
     let mut names = Vec::new();
+    let mut rest = Vec::new();
     while let Some(entry) = dir.read() {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
             continue;
         }
-        names.push(OsStr::from_bytes(name).to_os_string());
+        let name = OsStr::from_bytes(name).to_os_string();
+        if want(&name) {
+            names.push(name);
+        } else {
+            rest.push(name);
+        }
     }
     let at = dir.fd()?;
     for name in names {
@@ -559,7 +581,8 @@ pub fn list_fd(fd: OwnedFd) -> io::Result<Vec<(OsString, Meta, Token)>> {
         }
     }
     out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    Ok(out)
+    rest.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok((out, rest))
 }
 
 /// The relative path's components as names (a `RelPath` never holds `..` or `.`).

@@ -334,6 +334,16 @@ pub type SrcEntry = Entry<Token>;
 /// A replica entry: its version is what the replica implementation reports.
 pub type RepEntry = Entry<Version>;
 
+/// A listing of which only some entries were read (a partial pass reads only what changed):
+/// those entries, and the names of the others, both sorted by name bytes.
+pub type Listing<V> = (Vec<Entry<V>>, Vec<OsString>);
+
+/// Splits a whole listing into the entries `want` asks for and the other names.
+pub fn split_listing<V>(all: Vec<Entry<V>>, want: &dyn Fn(&OsStr) -> bool) -> Listing<V> {
+    let (wanted, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| want(&e.name));
+    (wanted, rest.into_iter().map(|e| e.name).collect())
+}
+
 /// What this pass already knows about a file it is about to copy (plain data for the plan).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Hint {
@@ -375,6 +385,10 @@ pub struct Counts {
     pub hashed_bytes: u64,
     pub errors: u64,
     pub skipped: u64,
+    /// Entries whose metadata the scan read, on both sides (a partial pass of watch mode
+    /// reads only what changed). Absent from a status written before it was counted.
+    #[serde(default)]
+    pub entries_read: u64,
 }
 
 impl std::ops::AddAssign for Counts {
@@ -393,6 +407,7 @@ impl std::ops::AddAssign for Counts {
         self.hashed_bytes += o.hashed_bytes;
         self.errors += o.errors;
         self.skipped += o.skipped;
+        self.entries_read += o.entries_read;
     }
 }
 

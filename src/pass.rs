@@ -254,6 +254,7 @@ impl<'a> Pass<'a> {
 
     /// 2–4. Scan, compare and plan; report what could not be read.
     fn scan(&mut self, trees: &Trees) -> Scanned {
+        let t0 = Instant::now();
         let counters = HashCounters::default();
         let snapshot = self.cache.snapshot();
         let spill = crate::spill::Spill::new(&self.cfg.state_dir)
@@ -309,9 +310,11 @@ impl<'a> Pass<'a> {
         let c = &mut self.record.counts;
         c.hashed_files = counters.files.load(std::sync::atomic::Ordering::Relaxed);
         c.hashed_bytes = counters.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        c.entries_read = scanned.plan.entries_read;
         for p in &scanned.plan.problems {
             *c += journal::report(p);
         }
+        self.record.scan_us = t0.elapsed().as_micros() as u64;
         scanned
     }
 
@@ -480,10 +483,12 @@ fn summary(o: Outcome) -> Outcome {
     let r = &o.record;
     let c = &r.counts;
     journal::schedule(format_args!(
-        "PASS END {} in {:.3}s: created {}, updated {}, drift {}, deleted {}, moved {}, meta {}, links {}, hard links {}, dirs {}, \
+        "PASS END {} in {:.3}s (scan {:.3}s, {} entries read): created {}, updated {}, drift {}, deleted {}, moved {}, meta {}, links {}, hard links {}, dirs {}, \
          copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}{}",
         r.result,
         r.duration_ms as f64 / 1000.0,
+        r.scan_us as f64 / 1e6,
+        c.entries_read,
         c.created,
         c.updated,
         c.drifted,

@@ -168,6 +168,8 @@ pub struct Plan {
     pub stale_temps: Vec<RelPath>,
     /// Entries the replica holds now, outside excluded and unknown subtrees.
     pub replica_entries: u64,
+    /// Entries whose metadata the scan read, on both sides.
+    pub entries_read: u64,
     /// Entries the plan creates in the replica.
     pub creates: u64,
     /// Entries the plan deletes from the replica (each entry of a deleted tree counts).
@@ -189,6 +191,7 @@ impl Plan {
         self.problems.extend(other.problems);
         self.stale_temps.extend(other.stale_temps);
         self.replica_entries += other.replica_entries;
+        self.entries_read += other.entries_read;
         self.creates += other.creates;
         self.deletes += other.deletes;
         self.specials += other.specials;

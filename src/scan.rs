@@ -11,7 +11,7 @@
 //! With moves on, the replica files the plan deletes (alone, or below a deleted directory)
 //! are listed with their cached hashes (`Plan::gone`), for `moves` to pair with new files.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 
 use rayon::prelude::*;
@@ -20,9 +20,10 @@ use crate::cancel;
 use crate::compare::{Compare, FileVerdict};
 use crate::config::Excludes;
 use crate::error::{EntryError, MountPoint, Side};
-use crate::model::{is_temp_name, Entry, Kind, Meta, RelPath};
+use crate::model::{is_temp_name, Entry, Kind, Meta, RelPath, RepEntry, SrcEntry};
 use crate::plan::{Action, Gone, LinkSpec, Op, Plan, Reason, RepLink, SrcLink};
 use crate::state::cache::{CachedFile, Delta, DirRecord, Recall};
+use crate::watch::dirty::Scope;
 
 /// Everything a scan reads; shared by all scan threads.
 pub struct Ctx<'a> {
@@ -117,41 +118,14 @@ fn walk(
     if let (Some(w), Some(_)) = (ctx.watch, src) {
         w.watch(rel);
     }
-    let src_entries = match src {
-        None => Vec::new(),
-        Some(_) => match cx.source.list(rel) {
-            Ok(v) => v,
-            Err(e) => {
-                out.plan.problems.push(EntryError::Read {
-                    side: Side::Source,
-                    what: Kind::Dir,
-                    rel: rel.clone(),
-                    cause: e,
-                });
-                return out;
-            }
-        },
+    let (src_entries, rep_entries, carried) = match list_pair(ctx, rel, src, rep) {
+        Ok(v) => v,
+        Err(problem) => {
+            out.plan.problems.extend(problem);
+            return out;
+        }
     };
-    let rep_entries = match rep {
-        None => Vec::new(),
-        Some(_) => match cx.replica.list(rel) {
-            Ok(v) => v,
-            Err(e) if MountPoint::of(&e).is_some() => {
-                // Unknown, like an unreadable source directory: nothing below it changes.
-                log::warn!("{}", crate::error::reason(&e));
-                return out;
-            }
-            Err(e) => {
-                out.plan.problems.push(EntryError::Read {
-                    side: Side::Replica,
-                    what: Kind::Dir,
-                    rel: rel.clone(),
-                    cause: e,
-                });
-                return out;
-            }
-        },
-    };
+    out.plan.entries_read += (src_entries.len() + rep_entries.len()) as u64;
     let mut touched = rep.is_none();
     let src_entries: Vec<_> = src_entries
         .into_iter()
@@ -192,12 +166,18 @@ fn walk(
         rep_kept.push(e);
     }
     // The record vouches for files on both sides, and for deleted ones that a move may reuse.
-    let record = if !rep_kept.is_empty() && (!src_entries.is_empty() || ctx.moves) {
+    let record = if !carried.is_empty()
+        || (!rep_kept.is_empty() && (!src_entries.is_empty() || ctx.moves))
+    {
         ctx.recall.dir(rel).unwrap_or_default()
     } else {
         DirRecord::default()
     };
-    let pairs = merge(src_entries, rep_kept);
+    let mut pairs = merge(src_entries, rep_kept);
+    if !carried.is_empty() {
+        pairs.extend(carried.into_iter().map(|name| (name, None, None)));
+        pairs.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    }
     let children: Vec<Child> = pairs
         .into_par_iter()
         .map(|(name, s, r)| decide(ctx, rel, name, s, r, &record))
@@ -251,6 +231,114 @@ fn walk(
     }
     spill(ctx, &mut out, crate::spill::batch() / 4);
     out
+}
+
+/// The entries of a directory pair: source, replica, and the names both sides have that a
+/// partial pass does not read (as the cache knows them; see `watch::dirty`). `Err(None)`:
+/// the replica directory is a mount point (`--one-file-system`), unknown, already warned of.
+type PairListing = (Vec<SrcEntry>, Vec<RepEntry>, Vec<OsString>);
+
+fn list_pair(
+    ctx: &Ctx,
+    rel: &RelPath,
+    src: Option<&Meta>,
+    rep: Option<&Meta>,
+) -> Result<PairListing, Option<EntryError>> {
+    let cx = &ctx.compare;
+    let listed = match ctx.scope.map(|d| d.scope(rel)) {
+        Some(Scope::List(l)) if !l.every() => Some(l),
+        _ => None,
+    };
+    let want = |n: &OsStr| listed.as_ref().is_none_or(|l| l.wants(n));
+    let src_list = |want: &dyn Fn(&OsStr) -> bool| match src {
+        None => Ok((Vec::new(), Vec::new())),
+        Some(_) => cx.source.list_only(rel, want).map_err(|e| {
+            Some(EntryError::Read {
+                side: Side::Source,
+                what: Kind::Dir,
+                rel: rel.clone(),
+                cause: e,
+            })
+        }),
+    };
+    let rep_list = |want: &dyn Fn(&OsStr) -> bool| match rep {
+        None => Ok((Vec::new(), Vec::new())),
+        Some(_) => cx.replica.list_only(rel, want).map_err(|e| {
+            if MountPoint::of(&e).is_some() {
+                // Unknown, like an unreadable source directory: nothing below it changes.
+                log::warn!("{}", crate::error::reason(&e));
+                None
+            } else {
+                Some(EntryError::Read {
+                    side: Side::Replica,
+                    what: Kind::Dir,
+                    rel: rel.clone(),
+                    cause: e,
+                })
+            }
+        }),
+    };
+    let (mut src_entries, src_rest) = src_list(&want)?;
+    let (mut rep_entries, rep_rest) = rep_list(&want)?;
+    if src_rest.is_empty() && rep_rest.is_empty() {
+        return Ok((src_entries, rep_entries, Vec::new()));
+    }
+    // A second look. With hard links mirrored, a source file with several names means
+    // every entry is read: a write through one name changes the others, and inotify names
+    // only the one written. Otherwise a name that only one side has is read on that side:
+    // something to create or delete that no event named (an earlier pass failed on it, or
+    // the replica was changed by hand).
+    let linked = ctx.hard_links
+        && src_entries
+            .iter()
+            .any(|e| e.meta.kind == Kind::File && e.meta.link.is_some());
+    let (src_more, rep_more, carried) = if linked {
+        (src_rest, rep_rest, Vec::new())
+    } else {
+        split_rests(src_rest, rep_rest)
+    };
+    let among = |names: &[OsString], n: &OsStr| {
+        names
+            .binary_search_by(|x| x.as_bytes().cmp(n.as_bytes()))
+            .is_ok()
+    };
+    if !src_more.is_empty() {
+        src_entries.extend(src_list(&|n| among(&src_more, n))?.0);
+        src_entries.sort_unstable_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    }
+    if !rep_more.is_empty() {
+        rep_entries.extend(rep_list(&|n| among(&rep_more, n))?.0);
+        rep_entries.sort_unstable_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    }
+    let carried = carried.into_iter().filter(|n| !is_temp_name(n)).collect();
+    Ok((src_entries, rep_entries, carried))
+}
+
+/// Splits two sorted lists of unread names into (only in the first, only in the second,
+/// in both).
+fn split_rests(
+    src: Vec<OsString>,
+    rep: Vec<OsString>,
+) -> (Vec<OsString>, Vec<OsString>, Vec<OsString>) {
+    let (mut only_src, mut only_rep, mut both) = (Vec::new(), Vec::new(), Vec::new());
+    let mut s = src.into_iter().peekable();
+    let mut r = rep.into_iter().peekable();
+    loop {
+        match (s.peek(), r.peek()) {
+            (None, None) => break,
+            (Some(_), None) => only_src.push(s.next().expect("peeked")),
+            (None, Some(_)) => only_rep.push(r.next().expect("peeked")),
+            (Some(a), Some(b)) => match a.as_bytes().cmp(b.as_bytes()) {
+                std::cmp::Ordering::Less => only_src.push(s.next().expect("peeked")),
+                std::cmp::Ordering::Greater => only_rep.push(r.next().expect("peeked")),
+                std::cmp::Ordering::Equal => {
+                    r.next();
+                    both.push(s.next().expect("peeked"));
+                }
+            },
+        }
+    }
+    (only_src, only_rep, both)
 }
 
 /// Moves the actions found so far to the spill once there are at least `at` of them.
@@ -309,7 +397,11 @@ fn decide(
         return c;
     }
     match (src, rep) {
-        (None, None) => {}
+        (None, None) => {
+            // Both sides have it and a partial pass does not read it: as the cache knows it.
+            c.plan.plan.replica_entries += 1;
+            c.cached = record.find(name.as_bytes()).cloned();
+        }
         (None, Some(r)) => delete(ctx, &rel, &r, Some(record), &mut c),
         (Some(s), None) => {
             note_links(ctx, &rel, &s.meta, None, &mut c);
@@ -340,11 +432,7 @@ fn decide(
                             });
                         }
                     }
-                    Kind::Dir
-                        if ctx
-                            .scope
-                            .is_some_and(|d| d.scope(&rel) == crate::watch::dirty::Scope::Skip) =>
-                    {
+                    Kind::Dir if ctx.scope.is_some_and(|d| d.scope(&rel) == Scope::Skip) => {
                         // Outside a partial pass's dirty set: left as the cache knows it.
                         c.cached = record.find(name.as_bytes()).cloned();
                     }

@@ -10,6 +10,7 @@
 //! checked again once everything was written, so a file that changed meanwhile is reported
 //! (`CopyError::Changed`), never installed torn.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -20,7 +21,9 @@ use sha2::{Digest, Sha256};
 use crate::anchor::{self, Anchor, Resolver, BUF, CHUNK};
 use crate::cancel;
 use crate::error::Side;
-use crate::model::{Entry, Hash, HashCounters, Kind, Meta, RelPath, SrcEntry, Token, Xattrs};
+use crate::model::{
+    split_listing, Entry, Hash, HashCounters, Kind, Listing, Meta, RelPath, SrcEntry, Token, Xattrs,
+};
 use crate::replica::{Content, CopyError, Sink};
 
 /// Files at least this large are copied with hashing on a second thread (read and write on
@@ -41,6 +44,14 @@ pub trait SourceTree: Send + Sync {
     }
     /// Lists a directory, sorted by name bytes.
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>>;
+    /// Lists a directory, reading only the entries `want` asks for.
+    fn list_only(
+        &self,
+        dir: &RelPath,
+        want: &dyn Fn(&OsStr) -> bool,
+    ) -> io::Result<Listing<Token>> {
+        Ok(split_listing(self.list(dir)?, want))
+    }
     /// Hashes a file: its sha256 and the token it had while it was read.
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)>;
     /// The target of a symlink.
@@ -73,6 +84,14 @@ pub fn fine_timestamps_type(f_type: u32) -> bool {
     matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
 }
 
+fn src_entry((name, meta, version): (OsString, Meta, Token)) -> SrcEntry {
+    Entry {
+        name,
+        meta,
+        version,
+    }
+}
+
 /// A local source directory.
 pub struct LocalSource {
     anchor: Anchor,
@@ -101,16 +120,16 @@ impl SourceTree for LocalSource {
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>> {
-        Ok(self
-            .anchor
-            .list(dir)?
-            .into_iter()
-            .map(|(name, meta, version)| Entry {
-                name,
-                meta,
-                version,
-            })
-            .collect())
+        Ok(self.anchor.list(dir)?.into_iter().map(src_entry).collect())
+    }
+
+    fn list_only(
+        &self,
+        dir: &RelPath,
+        want: &dyn Fn(&OsStr) -> bool,
+    ) -> io::Result<Listing<Token>> {
+        let (read, rest) = self.anchor.list_only(dir, want)?;
+        Ok((read.into_iter().map(src_entry).collect(), rest))
     }
 
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {

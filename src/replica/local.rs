@@ -24,7 +24,7 @@ use super::{Capabilities, Content, CopyError, Installed, Options, Replica, Sink}
 use crate::anchor::{self, Anchor, Resolver, XTarget};
 use crate::error::{MountPoint, PathChanged, Side};
 use crate::model::{
-    show, Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
+    show, Entry, Hash, HashCounters, Kind, Listing, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
 };
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -493,6 +493,14 @@ impl Replica for LocalReplica {
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>> {
+        Ok(self.list_only(dir, &|_| true)?.0)
+    }
+
+    fn list_only(
+        &self,
+        dir: &RelPath,
+        want: &dyn Fn(&OsStr) -> bool,
+    ) -> io::Result<Listing<Version>> {
         let anchor = self.anchor()?;
         let fd = anchor.open_dir(dir)?;
         if self.one_file_system && rustix::fs::fstat(&fd)?.st_dev != anchor.dev() {
@@ -502,14 +510,16 @@ impl Replica for LocalReplica {
             }
             .into_io());
         }
-        Ok(anchor::list_fd(fd)?
+        let (read, rest) = anchor::list_fd_only(fd, want)?;
+        let read = read
             .into_iter()
             .map(|(name, meta, token)| Entry {
                 name,
                 meta,
                 version: token.to_version(),
             })
-            .collect())
+            .collect();
+        Ok((read, rest))
     }
 
     fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>> {

@@ -14,11 +14,14 @@ pub mod s3;
 #[cfg(test)]
 pub mod fake;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Token, Version, Xattrs};
+use crate::model::{
+    Hash, HashCounters, Kind, Listing, Meta, RelPath, RepEntry, Token, Version, Xattrs,
+};
 
 /// Which metadata a replica keeps, and what it can do. Compare consults it: what a replica
 /// cannot keep is never a difference.
@@ -130,6 +133,16 @@ pub trait Replica: Send + Sync {
 
     /// Lists a directory, sorted by name bytes.
     fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>>;
+
+    /// Lists a directory, reading only the entries `want` asks for (a replica that lists
+    /// whole entries at no extra cost keeps this default).
+    fn list_only(
+        &self,
+        dir: &RelPath,
+        want: &dyn Fn(&OsStr) -> bool,
+    ) -> io::Result<Listing<Version>> {
+        Ok(crate::model::split_listing(self.list(dir)?, want))
+    }
 
     /// Metadata and version of one entry, `None` if it does not exist.
     fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>>;

@@ -16,6 +16,10 @@ pub struct PassRecord {
     /// Start time, RFC 3339 UTC.
     pub started: String,
     pub duration_ms: u64,
+    /// Of which the scan (listing, comparing, planning), in microseconds. Absent from a
+    /// status written before it was measured.
+    #[serde(default)]
+    pub scan_us: u64,
     /// `ok`, `partial`, `refused`, `failed` or `interrupted`.
     pub result: String,
     /// What the pass did (flattened: the JSON keeps one flat object).

@@ -1,11 +1,21 @@
 //! The event → dirty-set step of watch mode, a pure function (issue 13). Events never
 //! replay a change: they only say where to look. *Shallow* means list this directory pair
-//! again; *deep* means walk its whole subtree. A partial pass runs the normal pipeline over
-//! the dirty pairs, so whatever happened in between (a file written twice, created and
-//! deleted, renamed back) is judged by what is there at pass time.
+//! again and look at the entries the events named; *deep* means walk its whole subtree. A
+//! partial pass runs the normal pipeline over the dirty pairs, so whatever happened in
+//! between (a file written twice, created and deleted, renamed back) is judged by what is
+//! there at pass time.
+//!
+//! In a shallow directory only the named entries are read (`lstat`, compare), plus any name
+//! that one side has and the other lacks: every other entry is known unchanged since the
+//! pass that last looked at it, because inotify reports every change made through the tree
+//! to the directory that holds the name. So a partial pass costs what changed, not the size
+//! of the directories it touched (one new mail in a 100,000-file maildir is one entry read,
+//! not 200,000). What inotify does not report (a write through a hard link from outside the
+//! tree, through mmap, by another host) is what the full pass is for.
 
-use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
+use std::path::Component;
 
 use crate::model::RelPath;
 
@@ -14,6 +24,11 @@ pub enum Depth {
     Shallow,
     Deep,
 }
+
+/// More names than this in one directory and the directory is read whole: its listing is
+/// then about as cheap as the names, and a burst of creations cannot grow the set without
+/// bound.
+pub const MAX_NAMES: usize = 1024;
 
 /// One inotify event, its directory resolved to a path relative to the source root.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,24 +59,54 @@ pub enum What {
     Attrib,
 }
 
+/// One dirty directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub depth: Depth,
+    /// Shallow: the entries to read, `None` for every entry.
+    pub names: Option<BTreeSet<OsString>>,
+}
+
 /// Where the next partial pass must look.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DirtySet {
     /// Everything: the next pass is a full one.
     pub all: bool,
-    pub dirs: BTreeMap<RelPath, Depth>,
+    pub dirs: BTreeMap<RelPath, Mark>,
 }
 
 /// How a scan treats one directory in a partial pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope<'a> {
     /// Nothing below it is dirty: left alone.
     Skip,
-    /// An ancestor of something dirty, or dirty itself: listed, and its subdirectories are
-    /// entered only as far as they are in scope.
-    List,
+    /// Dirty itself, or an ancestor of something dirty: listed, and only the entries it
+    /// `wants` are read (the others are as the cache knows them).
+    List(Listed<'a>),
     /// Inside a deep subtree (or a full pass): walked whole.
     All,
+}
+
+/// What a listed directory of a partial pass reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed<'a> {
+    /// Every entry (the directory was marked with too many names, or without any).
+    every: bool,
+    /// The entries events named in it.
+    names: Option<&'a BTreeSet<OsString>>,
+    /// Its sub-directories that lead to something dirty.
+    subdirs: BTreeSet<&'a OsStr>,
+}
+
+impl Listed<'_> {
+    pub fn every(&self) -> bool {
+        self.every
+    }
+
+    /// Whether the entry `name` must be read.
+    pub fn wants(&self, name: &OsStr) -> bool {
+        self.every || self.names.is_some_and(|n| n.contains(name)) || self.subdirs.contains(name)
+    }
 }
 
 impl DirtySet {
@@ -70,24 +115,43 @@ impl DirtySet {
     }
 
     /// Marks `dir`: a deep mark absorbs the marks below it, and nothing is added below a
-    /// deep mark.
-    pub fn mark(&mut self, dir: RelPath, depth: Depth) {
-        if self.all {
-            return;
-        }
-        let covered = self
-            .dirs
-            .iter()
-            .any(|(d, k)| *k == Depth::Deep && dir.as_path().starts_with(d.as_path()) && *d != dir);
-        if covered {
+    /// deep mark. A shallow mark adds `name` to the entries to read (`None`: none, only
+    /// the directory itself).
+    pub fn mark(&mut self, dir: RelPath, depth: Depth, name: Option<&OsStr>) {
+        if self.all || self.deep_above(&dir, false) {
             return;
         }
         if depth == Depth::Deep {
             self.dirs
                 .retain(|d, _| !(d.as_path().starts_with(dir.as_path()) && *d != dir));
         }
-        let e = self.dirs.entry(dir).or_insert(depth);
-        *e = (*e).max(depth);
+        let m = self.dirs.entry(dir).or_insert(Mark {
+            depth,
+            names: Some(BTreeSet::new()),
+        });
+        m.depth = m.depth.max(depth);
+        if let (Depth::Shallow, Some(names), Some(name)) = (m.depth, &mut m.names, name) {
+            names.insert(name.to_os_string());
+            if names.len() > MAX_NAMES {
+                m.names = None;
+            }
+        }
+    }
+
+    /// Whether a strict ancestor of `dir` (or `dir` itself, with `inclusive`) is deep.
+    fn deep_above(&self, dir: &RelPath, inclusive: bool) -> bool {
+        let mut at = if inclusive {
+            Some(dir.clone())
+        } else {
+            dir.parent()
+        };
+        while let Some(d) = at {
+            if self.dirs.get(&d).is_some_and(|m| m.depth == Depth::Deep) {
+                return true;
+            }
+            at = d.parent();
+        }
+        false
     }
 
     pub fn everything(&mut self) {
@@ -102,28 +166,33 @@ impl DirtySet {
     }
 
     /// How a partial pass treats `dir`.
-    pub fn scope(&self, dir: &RelPath) -> Scope {
-        if self.all {
+    pub fn scope(&self, dir: &RelPath) -> Scope<'_> {
+        if self.all || self.deep_above(dir, true) {
             return Scope::All;
         }
-        let mut listed = false;
-        for (d, depth) in &self.dirs {
-            if dir.as_path().starts_with(d.as_path()) {
-                if *depth == Depth::Deep {
-                    return Scope::All;
+        let mut own = None;
+        let mut subdirs = BTreeSet::new();
+        // Paths order component by component, so `dir`'s subtree follows it in the map.
+        for (d, m) in self.dirs.range(dir.clone()..) {
+            let Ok(below) = d.as_path().strip_prefix(dir.as_path()) else {
+                break;
+            };
+            match below.components().next() {
+                None => own = Some(m),
+                Some(Component::Normal(first)) => {
+                    subdirs.insert(first);
                 }
-                if d == dir {
-                    listed = true;
-                }
-            } else if d.as_path().starts_with(dir.as_path()) {
-                listed = true;
+                Some(_) => {}
             }
         }
-        if listed {
-            Scope::List
-        } else {
-            Scope::Skip
+        if own.is_none() && subdirs.is_empty() {
+            return Scope::Skip;
         }
+        Scope::List(Listed {
+            every: own.is_some_and(|m| m.names.is_none()),
+            names: own.and_then(|m| m.names.as_ref()),
+            subdirs,
+        })
     }
 }
 
@@ -137,21 +206,21 @@ pub fn reduce(set: &mut DirtySet, ev: &Event) {
             is_dir,
             what,
         } => {
-            set.mark(dir.clone(), Depth::Shallow);
+            set.mark(dir.clone(), Depth::Shallow, Some(name));
             // A directory that appears may hold entries made before its watch was added:
             // it is walked whole.
             if *is_dir && matches!(what, What::Created | What::MovedIn) {
-                set.mark(dir.join(name), Depth::Deep);
+                set.mark(dir.join(name), Depth::Deep, None);
             }
         }
         Event::Itself { dir, what } => match dir.parent() {
             // The root itself moved or went away: only a full pass can tell.
             None if matches!(what, What::Deleted | What::MovedOut) => set.everything(),
-            None => set.mark(RelPath::root(), Depth::Shallow),
+            None => set.mark(RelPath::root(), Depth::Shallow, None),
             Some(parent) => {
-                set.mark(parent, Depth::Shallow);
+                set.mark(parent, Depth::Shallow, dir.as_path().file_name());
                 if *what == What::Attrib {
-                    set.mark(dir.clone(), Depth::Shallow);
+                    set.mark(dir.clone(), Depth::Shallow, None);
                 }
             }
         },
@@ -183,10 +252,25 @@ mod tests {
         set
     }
 
+    /// Which of `names` a partial pass reads in `dir` (`None`: the directory is skipped
+    /// or walked whole).
+    fn wanted<'a>(set: &DirtySet, dir: &str, names: &[&'a str]) -> Option<Vec<&'a str>> {
+        match set.scope(&rel(dir)) {
+            Scope::List(l) => Some(
+                names
+                    .iter()
+                    .copied()
+                    .filter(|n| l.wants(OsStr::new(n)))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
     fn dirs(set: &DirtySet) -> Vec<(String, Depth)> {
         set.dirs
             .iter()
-            .map(|(d, k)| (d.as_path().display().to_string(), *k))
+            .map(|(d, m)| (d.as_path().display().to_string(), m.depth))
             .collect()
     }
 
@@ -203,7 +287,7 @@ mod tests {
             vec![("".into(), Depth::Shallow), ("a".into(), Depth::Deep)]
         );
         assert_eq!(set.scope(&rel("a/b/c")), Scope::All);
-        assert_eq!(set.scope(&rel("")), Scope::List);
+        assert_eq!(wanted(&set, "", &["a", "b", "z"]), Some(vec!["a"]));
         assert_eq!(set.scope(&rel("z")), Scope::Skip);
     }
 
@@ -216,10 +300,14 @@ mod tests {
             entry("d/e", "g", false, What::Deleted),
         ]);
         assert_eq!(dirs(&set), vec![("d/e".into(), Depth::Shallow)]);
-        // Ancestors are listed to reach it; siblings are skipped.
-        assert_eq!(set.scope(&rel("")), Scope::List);
-        assert_eq!(set.scope(&rel("d")), Scope::List);
-        assert_eq!(set.scope(&rel("d/e")), Scope::List);
+        // Ancestors are listed to reach it, and read only the way down; in the directory,
+        // only the named entries are read; siblings are skipped.
+        assert_eq!(wanted(&set, "", &["a", "d", "e"]), Some(vec!["d"]));
+        assert_eq!(wanted(&set, "d", &["d", "e", "f"]), Some(vec!["e"]));
+        assert_eq!(
+            wanted(&set, "d/e", &["e", "f", "g", "h", "sub"]),
+            Some(vec!["f", "g"])
+        );
         assert_eq!(set.scope(&rel("d/e/sub")), Scope::Skip);
         assert_eq!(set.scope(&rel("d/x")), Scope::Skip);
     }
@@ -287,5 +375,53 @@ mod tests {
                 ("x/y".into(), Depth::Shallow),
             ]
         );
+    }
+
+    #[test]
+    fn too_many_names_in_one_directory_mean_every_entry_is_read() {
+        let names: Vec<String> = (0..=MAX_NAMES).map(|i| format!("f{i}")).collect();
+        let mut set = DirtySet::default();
+        for n in &names[..MAX_NAMES] {
+            reduce(&mut set, &entry("d", n, false, What::Closed));
+        }
+        match set.scope(&rel("d")) {
+            Scope::List(l) => assert!(!l.every() && !l.wants(OsStr::new("other"))),
+            s => panic!("{s:?}"),
+        }
+        reduce(
+            &mut set,
+            &entry("d", &names[MAX_NAMES], false, What::Closed),
+        );
+        match set.scope(&rel("d")) {
+            Scope::List(l) => assert!(l.every() && l.wants(OsStr::new("other"))),
+            s => panic!("{s:?}"),
+        }
+    }
+
+    #[test]
+    fn a_directory_whose_attributes_changed_is_read_in_its_parent_and_listed() {
+        let set = run(&[Event::Itself {
+            dir: rel("x/y"),
+            what: What::Attrib,
+        }]);
+        assert_eq!(wanted(&set, "x", &["a", "y", "z"]), Some(vec!["y"]));
+        // Listed (its own attributes are compared), but none of its entries is read.
+        assert_eq!(wanted(&set, "x/y", &["a", "b"]), Some(vec![]));
+        assert_eq!(set.scope(&rel("x/y/z")), Scope::Skip);
+    }
+
+    #[test]
+    fn a_mark_under_a_deep_one_changes_nothing() {
+        let set = run(&[
+            entry("", "a", true, What::Created),
+            entry("a/b", "f", false, What::Closed),
+        ]);
+        assert_eq!(
+            dirs(&set),
+            vec![("".into(), Depth::Shallow), ("a".into(), Depth::Deep)]
+        );
+        assert_eq!(set.scope(&rel("a/b")), Scope::All);
+        // A sibling whose name starts like it is not below it.
+        assert_eq!(set.scope(&rel("a-b")), Scope::Skip);
     }
 }

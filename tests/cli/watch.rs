@@ -137,6 +137,67 @@ fn a_file_rewritten_in_a_burst_is_copied_once_with_its_final_content() {
     assert_eq!(copies, 1, "copied more than once:\n{log}");
 }
 
+/// The `entries read` figure of the first `PASS END` line in `log` (a schedule log's tail).
+fn entries_read(log: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains(" PASS END "))?;
+    let before = line.split(" entries read").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+/// Waits for the next pass to end after `since` bytes of the schedule log and returns how
+/// many entries it read.
+fn next_pass_read(env: &Env, since: usize) -> u64 {
+    assert!(
+        wait_for(SOON, || entries_read(&env.schedule_log()[since..])
+            .is_some()),
+        "no pass ended:\n{}",
+        env.schedule_log()
+    );
+    entries_read(&env.schedule_log()[since..]).expect("entries read")
+}
+
+#[test]
+fn a_partial_pass_reads_only_the_entries_that_changed() {
+    let env = Env::new();
+    // A large directory (a maildir, a spool): 400 files.
+    for i in 0..400 {
+        write(&env.src.join(format!("big/f{i:03}")), b"x");
+    }
+    // One file with two names in the same directory.
+    write(&env.src.join("links/a"), b"one inode");
+    fs::hard_link(env.src.join("links/a"), env.src.join("links/b")).expect("ln");
+    write(&env.src.join("links/other"), b"other");
+    let _d = Daemon::start(&env, &[], &[]);
+    assert!(mirrored(&env));
+
+    // One file changed in it: that name is read on both sides, and the way down to it
+    // (`big` in the root), not the 800 entries of the directory pair.
+    let since = env.schedule_log().len();
+    write(&env.src.join("big/f007"), b"changed");
+    assert_mirrors_soon(&env, "one file changed");
+    let read = next_pass_read(&env, since);
+    assert!(read <= 8, "the partial pass read {read} entries");
+
+    // A name that only the replica has (put there by hand, or left by a failed pass), in
+    // a directory a pass lists, is found by a second look and removed, as a full pass
+    // would; the names both sides have and no event named are still not read.
+    write(&env.rep.join("big/stray"), b"not in the source");
+    let since = env.schedule_log().len();
+    write(&env.src.join("big/f008"), b"changed too");
+    assert_mirrors_soon(&env, "a stray replica name");
+    let read = next_pass_read(&env, since);
+    assert!(read <= 9, "the partial pass read {read} entries");
+
+    // A write through one name of a hard-linked file reaches the other name, which no
+    // event names: a linked file means its directory is read whole.
+    write(&env.src.join("links/a"), b"one inode, rewritten");
+    assert_mirrors_soon(&env, "a write through a hard link");
+    assert_eq!(
+        fs::read(env.rep.join("links/b")).expect("read"),
+        b"one inode, rewritten"
+    );
+}
+
 #[test]
 fn a_queue_overflow_means_a_full_pass_and_nothing_is_lost() {
     let env = Env::new();
