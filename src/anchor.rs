@@ -268,10 +268,15 @@ impl Anchor {
         list_fd(fd)
     }
 
-    /// Lists the directory `rel`, reading only the entries `want` asks for (see
-    /// [`list_fd_only`]).
-    pub fn list_only(&self, rel: &RelPath, want: &dyn Fn(&OsStr) -> bool) -> io::Result<Listing> {
-        list_fd_only(self.open_dir(rel)?, want)
+    /// The entries of the directory `rel` among `names` (sorted by name bytes), each read
+    /// with one `lstat`, without listing the directory; a name that does not exist is
+    /// left out.
+    pub fn list_only(
+        &self,
+        rel: &RelPath,
+        names: &[OsString],
+    ) -> io::Result<Vec<(OsString, Meta, Token)>> {
+        stat_names(self.open_dir(rel)?.as_fd(), names.iter().cloned())
     }
 
     /// `lstat` of `rel` (never following it), `None` when it does not exist.
@@ -542,34 +547,28 @@ pub fn subdir(dir: impl AsFd, name: &OsStr, flags: OFlags) -> rustix::io::Result
 
 /// Lists an open directory (see [`Anchor::list`]).
 pub fn list_fd(fd: OwnedFd) -> io::Result<Vec<(OsString, Meta, Token)>> {
-    Ok(list_fd_only(fd, &|_| true)?.0)
-}
-
-/// Entries `(name, lstat)` of a listing, and the names it did not read.
-pub type Listing = (Vec<(OsString, Meta, Token)>, Vec<OsString>);
-
-/// Lists an open directory, reading (`lstat`) only the entries `want` asks for: those
-/// sorted by name bytes, and the other names, sorted too. An entry that vanishes between
-/// `getdents` and `lstat` is left out.
-pub fn list_fd_only(fd: OwnedFd, want: &dyn Fn(&OsStr) -> bool) -> io::Result<Listing> {
     let mut dir = rustix::fs::Dir::new(fd)?;
-    let mut out = Vec::new();
     let mut names = Vec::new();
-    let mut rest = Vec::new();
     while let Some(entry) = dir.read() {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
             continue;
         }
-        let name = OsStr::from_bytes(name).to_os_string();
-        if want(&name) {
-            names.push(name);
-        } else {
-            rest.push(name);
-        }
+        names.push(OsStr::from_bytes(name).to_os_string());
     }
-    let at = dir.fd()?;
+    let mut out = stat_names(dir.fd()?, names)?;
+    out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(out)
+}
+
+/// `lstat` of each name in the directory `at`, in the order given; a name that does not
+/// exist is left out.
+pub fn stat_names(
+    at: BorrowedFd<'_>,
+    names: impl IntoIterator<Item = OsString>,
+) -> io::Result<Vec<(OsString, Meta, Token)>> {
+    let mut out = Vec::new();
     for name in names {
         match rustix::fs::statat(at, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => {
@@ -580,9 +579,7 @@ pub fn list_fd_only(fd: OwnedFd, want: &dyn Fn(&OsStr) -> bool) -> io::Result<Li
             Err(e) => return Err(e.into()),
         }
     }
-    out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    rest.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    Ok((out, rest))
+    Ok(out)
 }
 
 /// The relative path's components as names (a `RelPath` never holds `..` or `.`).

@@ -334,14 +334,15 @@ pub type SrcEntry = Entry<Token>;
 /// A replica entry: its version is what the replica implementation reports.
 pub type RepEntry = Entry<Version>;
 
-/// A listing of which only some entries were read (a partial pass reads only what changed):
-/// those entries, and the names of the others, both sorted by name bytes.
-pub type Listing<V> = (Vec<Entry<V>>, Vec<OsString>);
-
-/// Splits a whole listing into the entries `want` asks for and the other names.
-pub fn split_listing<V>(all: Vec<Entry<V>>, want: &dyn Fn(&OsStr) -> bool) -> Listing<V> {
-    let (wanted, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| want(&e.name));
-    (wanted, rest.into_iter().map(|e| e.name).collect())
+/// The entries of a whole listing among `names` (both sorted by name bytes).
+pub fn among<V>(all: Vec<Entry<V>>, names: &[OsString]) -> Vec<Entry<V>> {
+    all.into_iter()
+        .filter(|e| {
+            names
+                .binary_search_by(|n| n.as_bytes().cmp(e.name.as_bytes()))
+                .is_ok()
+        })
+        .collect()
 }
 
 /// What this pass already knows about a file it is about to copy (plain data for the plan).

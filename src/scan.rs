@@ -11,7 +11,7 @@
 //! With moves on, the replica files the plan deletes (alone, or below a deleted directory)
 //! are listed with their cached hashes (`Plan::gone`), for `moves` to pair with new files.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 
 use rayon::prelude::*;
@@ -118,7 +118,7 @@ fn walk(
     if let (Some(w), Some(_)) = (ctx.watch, src) {
         w.watch(rel);
     }
-    let (src_entries, rep_entries, carried) = match list_pair(ctx, rel, src, rep) {
+    let (src_entries, rep_entries, only) = match list_pair(ctx, rel, src, rep) {
         Ok(v) => v,
         Err(problem) => {
             out.plan.problems.extend(problem);
@@ -166,18 +166,19 @@ fn walk(
         rep_kept.push(e);
     }
     // The record vouches for files on both sides, and for deleted ones that a move may reuse.
-    let record = if !carried.is_empty()
-        || (!rep_kept.is_empty() && (!src_entries.is_empty() || ctx.moves))
-    {
-        ctx.recall.dir(rel).unwrap_or_default()
+    let record = if !rep_kept.is_empty() && (!src_entries.is_empty() || ctx.moves) {
+        match &only {
+            None => ctx.recall.dir(rel),
+            Some(names) => {
+                let names: Vec<Vec<u8>> = names.iter().map(|n| n.as_bytes().to_vec()).collect();
+                ctx.recall.dir_only(rel, &names)
+            }
+        }
+        .unwrap_or_default()
     } else {
         DirRecord::default()
     };
-    let mut pairs = merge(src_entries, rep_kept);
-    if !carried.is_empty() {
-        pairs.extend(carried.into_iter().map(|name| (name, None, None)));
-        pairs.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    }
+    let pairs = merge(src_entries, rep_kept);
     let children: Vec<Child> = pairs
         .into_par_iter()
         .map(|(name, s, r)| decide(ctx, rel, name, s, r, &record))
@@ -193,6 +194,8 @@ fn walk(
         spill(ctx, &mut out, crate::spill::batch());
     }
     if src.is_some() {
+        // Entries a partial pass did not read keep their cache entries.
+        // (A partial pass's record holds only the entries it read.)
         let delta = Delta::between(&record.files, files);
         match ctx.settled {
             Some(settled) if !copies && !delta.is_empty() => settled.add(rel.clone(), delta),
@@ -233,10 +236,11 @@ fn walk(
     out
 }
 
-/// The entries of a directory pair: source, replica, and the names both sides have that a
-/// partial pass does not read (as the cache knows them; see `watch::dirty`). `Err(None)`:
-/// the replica directory is a mount point (`--one-file-system`), unknown, already warned of.
-type PairListing = (Vec<SrcEntry>, Vec<RepEntry>, Vec<OsString>);
+/// The entries of a directory pair, source and replica, and in a partial pass, where only the
+/// entries that events named are read (see `watch::dirty`), those names (`None`: the pair was
+/// listed whole). `Err(None)`: the replica directory is a mount point (`--one-file-system`),
+/// unknown, already warned of.
+type PairListing = (Vec<SrcEntry>, Vec<RepEntry>, Option<Vec<OsString>>);
 
 fn list_pair(
     ctx: &Ctx,
@@ -245,14 +249,13 @@ fn list_pair(
     rep: Option<&Meta>,
 ) -> Result<PairListing, Option<EntryError>> {
     let cx = &ctx.compare;
-    let listed = match ctx.scope.map(|d| d.scope(rel)) {
-        Some(Scope::List(l)) if !l.every() => Some(l),
-        _ => None,
-    };
-    let want = |n: &OsStr| listed.as_ref().is_none_or(|l| l.wants(n));
-    let src_list = |want: &dyn Fn(&OsStr) -> bool| match src {
-        None => Ok((Vec::new(), Vec::new())),
-        Some(_) => cx.source.list_only(rel, want).map_err(|e| {
+    let src_list = |names: Option<&[OsString]>| match src {
+        None => Ok(Vec::new()),
+        Some(_) => match names {
+            None => cx.source.list(rel),
+            Some(n) => cx.source.list_only(rel, n),
+        }
+        .map_err(|e| {
             Some(EntryError::Read {
                 side: Side::Source,
                 what: Kind::Dir,
@@ -261,9 +264,13 @@ fn list_pair(
             })
         }),
     };
-    let rep_list = |want: &dyn Fn(&OsStr) -> bool| match rep {
-        None => Ok((Vec::new(), Vec::new())),
-        Some(_) => cx.replica.list_only(rel, want).map_err(|e| {
+    let rep_list = |names: Option<&[OsString]>| match rep {
+        None => Ok(Vec::new()),
+        Some(_) => match names {
+            None => cx.replica.list(rel),
+            Some(n) => cx.replica.list_only(rel, n),
+        }
+        .map_err(|e| {
             if MountPoint::of(&e).is_some() {
                 // Unknown, like an unreadable source directory: nothing below it changes.
                 log::warn!("{}", crate::error::reason(&e));
@@ -278,67 +285,24 @@ fn list_pair(
             }
         }),
     };
-    let (mut src_entries, src_rest) = src_list(&want)?;
-    let (mut rep_entries, rep_rest) = rep_list(&want)?;
-    if src_rest.is_empty() && rep_rest.is_empty() {
-        return Ok((src_entries, rep_entries, Vec::new()));
-    }
-    // A second look. With hard links mirrored, a source file with several names means
-    // every entry is read: a write through one name changes the others, and inotify names
-    // only the one written. Otherwise a name that only one side has is read on that side:
-    // something to create or delete that no event named (an earlier pass failed on it, or
-    // the replica was changed by hand).
-    let linked = ctx.hard_links
+    // A directory one side lacks is listed whole: it is created or deleted with all it
+    // holds.
+    let names = match ctx.scope.map(|d| d.scope(rel)) {
+        Some(Scope::List(l)) if !l.every() && src.is_some() && rep.is_some() => l.names(),
+        _ => return Ok((src_list(None)?, rep_list(None)?, None)),
+    };
+    let src_entries = src_list(Some(&names))?;
+    // With hard links mirrored, a source file with several names means the pair is listed
+    // whole: a write through one name changes the others, and inotify names only the one
+    // written.
+    if ctx.hard_links
         && src_entries
             .iter()
-            .any(|e| e.meta.kind == Kind::File && e.meta.link.is_some());
-    let (src_more, rep_more, carried) = if linked {
-        (src_rest, rep_rest, Vec::new())
-    } else {
-        split_rests(src_rest, rep_rest)
-    };
-    let among = |names: &[OsString], n: &OsStr| {
-        names
-            .binary_search_by(|x| x.as_bytes().cmp(n.as_bytes()))
-            .is_ok()
-    };
-    if !src_more.is_empty() {
-        src_entries.extend(src_list(&|n| among(&src_more, n))?.0);
-        src_entries.sort_unstable_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+            .any(|e| e.meta.kind == Kind::File && e.meta.link.is_some())
+    {
+        return Ok((src_list(None)?, rep_list(None)?, None));
     }
-    if !rep_more.is_empty() {
-        rep_entries.extend(rep_list(&|n| among(&rep_more, n))?.0);
-        rep_entries.sort_unstable_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
-    }
-    let carried = carried.into_iter().filter(|n| !is_temp_name(n)).collect();
-    Ok((src_entries, rep_entries, carried))
-}
-
-/// Splits two sorted lists of unread names into (only in the first, only in the second,
-/// in both).
-fn split_rests(
-    src: Vec<OsString>,
-    rep: Vec<OsString>,
-) -> (Vec<OsString>, Vec<OsString>, Vec<OsString>) {
-    let (mut only_src, mut only_rep, mut both) = (Vec::new(), Vec::new(), Vec::new());
-    let mut s = src.into_iter().peekable();
-    let mut r = rep.into_iter().peekable();
-    loop {
-        match (s.peek(), r.peek()) {
-            (None, None) => break,
-            (Some(_), None) => only_src.push(s.next().expect("peeked")),
-            (None, Some(_)) => only_rep.push(r.next().expect("peeked")),
-            (Some(a), Some(b)) => match a.as_bytes().cmp(b.as_bytes()) {
-                std::cmp::Ordering::Less => only_src.push(s.next().expect("peeked")),
-                std::cmp::Ordering::Greater => only_rep.push(r.next().expect("peeked")),
-                std::cmp::Ordering::Equal => {
-                    r.next();
-                    both.push(s.next().expect("peeked"));
-                }
-            },
-        }
-    }
-    (only_src, only_rep, both)
+    Ok((src_entries, rep_list(Some(&names))?, Some(names)))
 }
 
 /// Moves the actions found so far to the spill once there are at least `at` of them.
@@ -397,11 +361,7 @@ fn decide(
         return c;
     }
     match (src, rep) {
-        (None, None) => {
-            // Both sides have it and a partial pass does not read it: as the cache knows it.
-            c.plan.plan.replica_entries += 1;
-            c.cached = record.find(name.as_bytes()).cloned();
-        }
+        (None, None) => {}
         (None, Some(r)) => delete(ctx, &rel, &r, Some(record), &mut c),
         (Some(s), None) => {
             note_links(ctx, &rel, &s.meta, None, &mut c);

@@ -10,7 +10,7 @@
 //! checked again once everything was written, so a file that changed meanwhile is reported
 //! (`CopyError::Changed`), never installed torn.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use crate::anchor::{self, Anchor, Resolver, BUF, CHUNK};
 use crate::cancel;
 use crate::error::Side;
 use crate::model::{
-    split_listing, Entry, Hash, HashCounters, Kind, Listing, Meta, RelPath, SrcEntry, Token, Xattrs,
+    among, Entry, Hash, HashCounters, Kind, Meta, RelPath, SrcEntry, Token, Xattrs,
 };
 use crate::replica::{Content, CopyError, Sink};
 
@@ -44,13 +44,10 @@ pub trait SourceTree: Send + Sync {
     }
     /// Lists a directory, sorted by name bytes.
     fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>>;
-    /// Lists a directory, reading only the entries `want` asks for.
-    fn list_only(
-        &self,
-        dir: &RelPath,
-        want: &dyn Fn(&OsStr) -> bool,
-    ) -> io::Result<Listing<Token>> {
-        Ok(split_listing(self.list(dir)?, want))
+    /// The entries of a directory among `names` (sorted by name bytes), read one by one
+    /// where that is cheaper than listing it; a name that does not exist is left out.
+    fn list_only(&self, dir: &RelPath, names: &[OsString]) -> io::Result<Vec<SrcEntry>> {
+        Ok(among(self.list(dir)?, names))
     }
     /// Hashes a file: its sha256 and the token it had while it was read.
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)>;
@@ -123,13 +120,13 @@ impl SourceTree for LocalSource {
         Ok(self.anchor.list(dir)?.into_iter().map(src_entry).collect())
     }
 
-    fn list_only(
-        &self,
-        dir: &RelPath,
-        want: &dyn Fn(&OsStr) -> bool,
-    ) -> io::Result<Listing<Token>> {
-        let (read, rest) = self.anchor.list_only(dir, want)?;
-        Ok((read.into_iter().map(src_entry).collect(), rest))
+    fn list_only(&self, dir: &RelPath, names: &[OsString]) -> io::Result<Vec<SrcEntry>> {
+        Ok(self
+            .anchor
+            .list_only(dir, names)?
+            .into_iter()
+            .map(src_entry)
+            .collect())
     }
 
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {

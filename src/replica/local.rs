@@ -24,7 +24,7 @@ use super::{Capabilities, Content, CopyError, Installed, Options, Replica, Sink}
 use crate::anchor::{self, Anchor, Resolver, XTarget};
 use crate::error::{MountPoint, PathChanged, Side};
 use crate::model::{
-    show, Entry, Hash, HashCounters, Kind, Listing, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
+    show, Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
 };
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -123,7 +123,30 @@ pub fn capabilities(owner: bool) -> Capabilities {
     }
 }
 
+fn rep_entry((name, meta, token): (OsString, Meta, super::Token)) -> RepEntry {
+    Entry {
+        name,
+        meta,
+        version: token.to_version(),
+    }
+}
+
 impl LocalReplica {
+    /// Opens the directory `dir` to list it; with `--one-file-system`, one on another
+    /// filesystem is a mount point, left alone.
+    fn open_listed(&self, dir: &RelPath) -> io::Result<OwnedFd> {
+        let anchor = self.anchor()?;
+        let fd = anchor.open_dir(dir)?;
+        if self.one_file_system && rustix::fs::fstat(&fd)?.st_dev != anchor.dev() {
+            return Err(MountPoint {
+                side: Side::Replica,
+                rel: dir.clone(),
+            }
+            .into_io());
+        }
+        Ok(fd)
+    }
+
     /// Opens the replica at `path` (absolute, canonical as far as it exists). With `create`,
     /// a missing root (and its missing parents) is created first.
     pub fn open(path: &Path, opts: Options) -> io::Result<LocalReplica> {
@@ -493,33 +516,18 @@ impl Replica for LocalReplica {
     }
 
     fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>> {
-        Ok(self.list_only(dir, &|_| true)?.0)
+        Ok(anchor::list_fd(self.open_listed(dir)?)?
+            .into_iter()
+            .map(rep_entry)
+            .collect())
     }
 
-    fn list_only(
-        &self,
-        dir: &RelPath,
-        want: &dyn Fn(&OsStr) -> bool,
-    ) -> io::Result<Listing<Version>> {
-        let anchor = self.anchor()?;
-        let fd = anchor.open_dir(dir)?;
-        if self.one_file_system && rustix::fs::fstat(&fd)?.st_dev != anchor.dev() {
-            return Err(MountPoint {
-                side: Side::Replica,
-                rel: dir.clone(),
-            }
-            .into_io());
-        }
-        let (read, rest) = anchor::list_fd_only(fd, want)?;
-        let read = read
+    fn list_only(&self, dir: &RelPath, names: &[OsString]) -> io::Result<Vec<RepEntry>> {
+        let fd = self.open_listed(dir)?;
+        Ok(anchor::stat_names(fd.as_fd(), names.iter().cloned())?
             .into_iter()
-            .map(|(name, meta, token)| Entry {
-                name,
-                meta,
-                version: token.to_version(),
-            })
-            .collect();
-        Ok((read, rest))
+            .map(rep_entry)
+            .collect())
     }
 
     fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>> {

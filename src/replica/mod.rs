@@ -14,14 +14,12 @@ pub mod s3;
 #[cfg(test)]
 pub mod fake;
 
-use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::model::{
-    Hash, HashCounters, Kind, Listing, Meta, RelPath, RepEntry, Token, Version, Xattrs,
-};
+use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Token, Version, Xattrs};
 
 /// Which metadata a replica keeps, and what it can do. Compare consults it: what a replica
 /// cannot keep is never a difference.
@@ -134,14 +132,11 @@ pub trait Replica: Send + Sync {
     /// Lists a directory, sorted by name bytes.
     fn list(&self, dir: &RelPath) -> io::Result<Vec<RepEntry>>;
 
-    /// Lists a directory, reading only the entries `want` asks for (a replica that lists
-    /// whole entries at no extra cost keeps this default).
-    fn list_only(
-        &self,
-        dir: &RelPath,
-        want: &dyn Fn(&OsStr) -> bool,
-    ) -> io::Result<Listing<Version>> {
-        Ok(crate::model::split_listing(self.list(dir)?, want))
+    /// The entries of a directory among `names` (sorted by name bytes), read one by one
+    /// where that is cheaper than listing it; a name that does not exist is left out. A
+    /// replica whose listing costs nothing extra keeps this default.
+    fn list_only(&self, dir: &RelPath, names: &[OsString]) -> io::Result<Vec<RepEntry>> {
+        Ok(crate::model::among(self.list(dir)?, names))
     }
 
     /// Metadata and version of one entry, `None` if it does not exist.

@@ -31,7 +31,7 @@ const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
 /// 5: postcard records (4 was bincode 1). 6: a local replica's versions as varints. 7: each
 /// record in chunks of at most one page.
-const FORMAT: &[u8] = b"syncer-cache-7";
+const FORMAT: &[u8] = b"syncer-cache-8";
 
 /// How many pass summaries the database keeps.
 const KEEP_PASSES: u64 = 1000;
@@ -76,6 +76,19 @@ pub struct Cache {
 /// What a scan may ask the cache: the stored record of one directory.
 pub trait Recall: Sync {
     fn dir(&self, rel: &RelPath) -> Option<DirRecord>;
+
+    /// The entries of `names` (sorted by name bytes) in the record of `rel`, reading only
+    /// the chunks that hold them.
+    fn dir_only(&self, rel: &RelPath, names: &[Vec<u8>]) -> Option<DirRecord> {
+        let all = self.dir(rel)?;
+        Some(DirRecord {
+            files: all
+                .files
+                .into_iter()
+                .filter(|f| names.binary_search(&f.name).is_ok())
+                .collect(),
+        })
+    }
 }
 
 /// A consistent read view of the cache for one scan, shared by all scan threads.
@@ -96,6 +109,54 @@ impl Recall for Snapshot {
             .ok()?
             .map(|files| DirRecord { files })
     }
+
+    fn dir_only(&self, rel: &RelPath, names: &[Vec<u8>]) -> Option<DirRecord> {
+        let table = self.table.as_ref()?;
+        let dir = rel.as_bytes();
+        let mut files = Vec::new();
+        let mut read: Option<Vec<u8>> = None;
+        for name in names {
+            let (key, chunk) = chunk_of(table, dir, name).ok()??;
+            if read.as_ref() == Some(&key) {
+                continue;
+            }
+            let part = decode(&chunk)?;
+            files.extend(
+                part.into_iter()
+                    .filter(|f| names.binary_search(&f.name).is_ok()),
+            );
+            read = Some(key);
+        }
+        Some(DirRecord { files })
+    }
+}
+
+/// A stored chunk: its key and its bytes.
+type Chunk = (Vec<u8>, Vec<u8>);
+
+/// The chunk of directory `dir`'s record that holds `name`, or would: the last whose key is
+/// not above `name`'s, else the first. `None`: the directory has no record.
+fn chunk_of(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    dir: &[u8],
+    name: &[u8],
+) -> Result<Option<Chunk>, String> {
+    let (lo, hi) = chunk_range(dir);
+    let at = chunk_key(dir, name);
+    let found = match table
+        .range::<&[u8]>(lo.as_slice()..=at.as_slice())
+        .map_err(db_err)?
+        .next_back()
+    {
+        Some(e) => Some(e.map_err(db_err)?),
+        None => table
+            .range::<&[u8]>(at.as_slice()..hi.as_slice())
+            .map_err(db_err)?
+            .next()
+            .transpose()
+            .map_err(db_err)?,
+    };
+    Ok(found.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
 }
 
 /// A directory's record is stored in chunks of about this many bytes at most, each under
@@ -103,14 +164,17 @@ impl Recall for Snapshot {
 /// record of 100 files (about 9.3 KB) took a 16 KiB page, most of it empty.
 const CHUNK_BYTES: usize = 3800;
 
-/// The key of chunk `i` of the record of directory `dir`: its path, a NUL (which no path
-/// holds), and the chunk number. A directory's chunks sort together and before the keys of
-/// its sub-directories (`dir/...`).
-fn chunk_key(dir: &[u8], i: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(dir.len() + 5);
+/// The key of a chunk of directory `dir`'s record: its path, a NUL (which no path holds),
+/// and the name of the chunk's first file. A directory's chunks sort together, in name
+/// order, and before the keys of its sub-directories (`dir/...`); the chunk that holds (or
+/// would hold) a name is the last one whose key is not above the name's (`chunk_of`), so
+/// one file is found, or changed, by reading and writing one chunk, whatever the size of
+/// its directory.
+fn chunk_key(dir: &[u8], first: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(dir.len() + 1 + first.len());
     k.extend_from_slice(dir);
     k.push(0);
-    k.extend_from_slice(&i.to_be_bytes());
+    k.extend_from_slice(first);
     k
 }
 
@@ -151,16 +215,17 @@ fn decode(bytes: &[u8]) -> Option<Vec<CachedFile>> {
     postcard::from_bytes(bytes).ok()
 }
 
-/// The chunks of a record: each a postcard sequence of files (its length, then the files),
-/// at most `CHUNK_BYTES` long unless one file alone is longer.
-fn encode(files: &[CachedFile]) -> Result<Vec<Vec<u8>>, String> {
+/// The chunks of a record, each with the number of files it holds: a postcard sequence of
+/// files (its length, then the files), at most `CHUNK_BYTES` long unless one file alone is
+/// longer.
+fn encode(files: &[CachedFile]) -> Result<Vec<(usize, Vec<u8>)>, String> {
     let mut chunks = Vec::new();
     let mut body = Vec::new();
     let mut n = 0usize;
     let mut close = |body: &mut Vec<u8>, n: &mut usize| -> Result<(), String> {
         let mut chunk = postcard::to_allocvec(n).map_err(db_err)?;
         chunk.append(body);
-        chunks.push(chunk);
+        chunks.push((*n, chunk));
         *n = 0;
         Ok(())
     };
@@ -316,12 +381,12 @@ impl Cache {
         {
             let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
             for (dir, change) in changes {
-                let mut files = stored(&dirs, &dir)?;
+                let mut edits = Edits::default();
                 if let Some(delta) = drafts.remove(&dir) {
-                    delta.apply(&mut files);
+                    edits.delta(delta);
                 }
-                change.apply(&mut files);
-                put(&mut dirs, &dir, files)?;
+                edits.change(change);
+                edit(&mut dirs, &dir, edits)?;
             }
         }
         txn.commit().map_err(db_err)
@@ -334,9 +399,9 @@ impl Cache {
         {
             let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
             for (dir, delta) in drafts {
-                let mut files = stored(&dirs, &dir)?;
-                delta.apply(&mut files);
-                put(&mut dirs, &dir, files)?;
+                let mut edits = Edits::default();
+                edits.delta(delta);
+                edit(&mut dirs, &dir, edits)?;
             }
         }
         txn.commit().map_err(db_err)
@@ -365,9 +430,9 @@ impl Cache {
                 }
             }
             for (dir, delta) in drafts {
-                let mut files = stored(&dirs, &dir)?;
-                delta.apply(&mut files);
-                put(&mut dirs, &dir, files)?;
+                let mut edits = Edits::default();
+                edits.delta(delta);
+                edit(&mut dirs, &dir, edits)?;
             }
             let mut by_dir: BTreeMap<RelPath, Vec<Vec<u8>>> = BTreeMap::new();
             for rel in forget {
@@ -380,9 +445,11 @@ impl Cache {
                 }
             }
             for (dir, names) in by_dir {
-                let mut files = stored(&dirs, &dir)?;
-                files.retain(|f| !names.contains(&f.name));
-                put(&mut dirs, &dir, files)?;
+                let mut edits = Edits::default();
+                for n in names {
+                    edits.0.insert(n, Edit::Remove);
+                }
+                edit(&mut dirs, &dir, edits)?;
             }
             let mut passes = txn.open_table(PASSES).map_err(db_err)?;
             passes.insert(pass_key, pass_json).map_err(db_err)?;
@@ -461,11 +528,6 @@ impl<'a> Settled<'a> {
     }
 }
 
-/// The files of a directory's stored record (none if it has no record or cannot be read).
-fn stored(dirs: &redb::Table<&[u8], &[u8]>, dir: &RelPath) -> Result<Vec<CachedFile>, String> {
-    Ok(read_record(dirs, dir.as_bytes())?.unwrap_or_default())
-}
-
 /// The difference between a directory's stored record and what a scan found.
 #[derive(Debug, Default)]
 pub struct Delta {
@@ -497,16 +559,11 @@ impl Delta {
         self.upserts.is_empty() && self.removed.is_empty()
     }
 
+    /// Applies the delta to a whole record's files, sorted by name (a record in memory).
     pub fn apply(self, files: &mut Vec<CachedFile>) {
-        if !self.removed.is_empty() {
-            files.retain(|f| !self.removed.contains(&f.name));
-        }
-        for u in self.upserts {
-            match files.iter_mut().find(|f| f.name == u.name) {
-                Some(f) => *f = u,
-                None => files.push(u),
-            }
-        }
+        let mut e = Edits::default();
+        e.delta(self);
+        *files = Edits::apply(e.0.into_iter().collect(), std::mem::take(files));
     }
 }
 
@@ -520,36 +577,121 @@ pub struct DirChange {
 }
 
 impl DirChange {
-    /// Applies the chunk's changes to a directory's files: written files replace their
-    /// entries, fixed ones get their new replica version.
+    /// Applies the change to a whole record's files, sorted by name (a record in memory).
     pub fn apply(self, files: &mut Vec<CachedFile>) {
-        Delta {
-            upserts: self.written,
-            removed: Vec::new(),
-        }
-        .apply(files);
-        for (name, version, xattrs) in self.fixed {
-            if let Some(f) = files.iter_mut().find(|f| f.name == name) {
-                f.rep = version;
-                f.xattrs = xattrs;
-            }
-        }
+        let mut e = Edits::default();
+        e.change(self);
+        *files = Edits::apply(e.0.into_iter().collect(), std::mem::take(files));
     }
 }
 
-fn put(
-    dirs: &mut redb::Table<&[u8], &[u8]>,
-    dir: &RelPath,
-    mut files: Vec<CachedFile>,
-) -> Result<(), String> {
-    let (lo, hi) = chunk_range(dir.as_bytes());
-    dirs.retain_in::<&[u8], _>(lo.as_slice()..hi.as_slice(), |_, _| false)
-        .map_err(db_err)?;
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    for (i, chunk) in encode(&files)?.iter().enumerate() {
-        let key = chunk_key(dir.as_bytes(), i as u32);
-        dirs.insert(key.as_slice(), chunk.as_slice())
-            .map_err(db_err)?;
+/// What happens to one name of a directory's record.
+#[derive(Debug)]
+enum Edit {
+    Put(CachedFile),
+    Remove,
+    /// Metadata fixed: the new replica version, and whether the extended attributes were
+    /// mirrored.
+    Fix(Version, bool),
+}
+
+/// The edits of one directory's record, by name, in the order they were made (a later edit
+/// of a name builds on the earlier one).
+#[derive(Debug, Default)]
+struct Edits(BTreeMap<Vec<u8>, Edit>);
+
+impl Edits {
+    fn delta(&mut self, delta: Delta) {
+        for f in delta.upserts {
+            self.0.insert(f.name.clone(), Edit::Put(f));
+        }
+        for n in delta.removed {
+            self.0.insert(n, Edit::Remove);
+        }
+    }
+
+    /// Written files replace their entries, fixed ones get their new replica version.
+    fn change(&mut self, change: DirChange) {
+        for f in change.written {
+            self.0.insert(f.name.clone(), Edit::Put(f));
+        }
+        for (name, version, xattrs) in change.fixed {
+            match self.0.get_mut(&name) {
+                Some(Edit::Put(f)) => {
+                    f.rep = version;
+                    f.xattrs = xattrs;
+                }
+                Some(Edit::Remove) => {}
+                _ => {
+                    self.0.insert(name, Edit::Fix(version, xattrs));
+                }
+            }
+        }
+    }
+
+    /// Applies the edits to the sorted files of one chunk.
+    fn apply(edits: Vec<(Vec<u8>, Edit)>, files: Vec<CachedFile>) -> Vec<CachedFile> {
+        let mut out = Vec::with_capacity(files.len() + edits.len());
+        let mut e = edits.into_iter().peekable();
+        for f in files {
+            while let Some((_, edit)) = e.next_if(|(n, _)| *n < f.name) {
+                if let Edit::Put(new) = edit {
+                    out.push(new);
+                }
+            }
+            match e.next_if(|(n, _)| *n == f.name) {
+                None => out.push(f),
+                Some((_, Edit::Put(new))) => out.push(new),
+                Some((_, Edit::Remove)) => {}
+                Some((_, Edit::Fix(version, xattrs))) => out.push(CachedFile {
+                    rep: version,
+                    xattrs,
+                    ..f
+                }),
+            }
+        }
+        out.extend(e.filter_map(|(_, edit)| match edit {
+            Edit::Put(new) => Some(new),
+            _ => None,
+        }));
+        out
+    }
+}
+
+/// Applies `edits` to directory `dir`'s record, rewriting only the chunks that hold (or
+/// would hold) the names edited: one new file in a directory of 100,000 is one chunk read
+/// and written, not the whole record.
+fn edit(dirs: &mut redb::Table<&[u8], &[u8]>, dir: &RelPath, edits: Edits) -> Result<(), String> {
+    let dir = dir.as_bytes();
+    // Which chunk each edit falls in (the names are in order, so are their chunks).
+    type Group = (Option<Chunk>, Vec<(Vec<u8>, Edit)>);
+    let mut groups: Vec<Group> = Vec::new();
+    for (name, e) in edits.0 {
+        let chunk = chunk_of(&*dirs, dir, &name)?;
+        match groups.last_mut() {
+            Some((c, list)) if c.as_ref().map(|c| &c.0) == chunk.as_ref().map(|c| &c.0) => {
+                list.push((name, e))
+            }
+            _ => groups.push((chunk, vec![(name, e)])),
+        }
+    }
+    for (chunk, list) in groups {
+        let files = match &chunk {
+            Some((key, bytes)) => {
+                dirs.remove(key.as_slice()).map_err(db_err)?;
+                // A chunk that cannot be decoded is dropped: its files are hashed again.
+                decode(bytes).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let files = Edits::apply(list, files);
+        let mut at = 0;
+        for (n, piece) in encode(&files)? {
+            let key = chunk_key(dir, &files[at].name);
+            at += n;
+            dirs.insert(key.as_slice(), piece.as_slice())
+                .map_err(db_err)?;
+        }
     }
     Ok(())
 }
@@ -607,7 +749,6 @@ mod tests {
         assert_eq!(d.removed, vec![b"b".to_vec(), b"e".to_vec()]);
         let mut files = old;
         d.apply(&mut files);
-        files.sort_by(|x, y| x.name.cmp(&y.name));
         assert_eq!(files, new);
     }
 
@@ -629,11 +770,11 @@ mod tests {
         };
         let chunks = encode(&record.files).expect("encode");
         assert_eq!(chunks.len(), 1);
-        assert_eq!(decode(&chunks[0]).expect("decode"), record.files);
+        assert_eq!(decode(&chunks[0].1).expect("decode"), record.files);
         // A file's entry: name, kind, token and version as varints, hash, two flags.
         let one = postcard::to_allocvec(&record.files[0]).expect("encode");
         assert!(one.len() <= 96, "{} bytes", one.len());
-        assert!(decode(&chunks[0][..chunks[0].len() / 2]).is_none());
+        assert!(decode(&chunks[0].1[..chunks[0].1.len() / 2]).is_none());
     }
 
     #[test]
@@ -652,7 +793,7 @@ mod tests {
             .collect();
         let chunks = encode(&files).expect("encode");
         assert!(chunks.len() > 1, "300 files do not fit one page");
-        assert!(chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
+        assert!(chunks.iter().all(|c| c.1.len() <= CHUNK_BYTES));
         let mut drafts = HashMap::new();
         let mut change = BTreeMap::new();
         change.insert(
@@ -709,5 +850,138 @@ mod tests {
     fn delta_of_an_unchanged_directory_is_empty() {
         let old = vec![f("a", 1), f("b", 2)];
         assert!(Delta::between(&old, old.clone()).is_empty());
+    }
+
+    /// The chunks (key, bytes) of `dir`'s record as stored.
+    fn chunks_of(cache: &Cache, dir: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let txn = cache.db.as_ref().expect("db").begin_read().expect("read");
+        let table = txn.open_table(DIRS).expect("table");
+        let (lo, hi) = chunk_range(dir);
+        table
+            .range::<&[u8]>(lo.as_slice()..hi.as_slice())
+            .expect("range")
+            .map(|e| {
+                let (k, v) = e.expect("entry");
+                (k.value().to_vec(), v.value().to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_edit_rewrites_only_the_chunks_of_the_names_it_touches() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path());
+        let dir = RelPath::from_bytes(b"big");
+        let file = |i: u64| {
+            let mut c = f(&format!("m{i:05}"), 1_000_000 + i);
+            c.hash = Hash([i as u8; 32]);
+            c
+        };
+        let mut files: Vec<CachedFile> = (0..1000).map(|i| file(i * 2)).collect();
+        let mut drafts = HashMap::new();
+        let write = |written: Vec<CachedFile>, drafts: &mut HashMap<RelPath, Delta>| {
+            let mut change = BTreeMap::new();
+            change.insert(
+                dir.clone(),
+                DirChange {
+                    written,
+                    fixed: Vec::new(),
+                },
+            );
+            cache.record_chunk(change, drafts).expect("record");
+        };
+        write(files.clone(), &mut drafts);
+        let before = chunks_of(&cache, b"big");
+        assert!(before.len() > 10, "{} chunks", before.len());
+        // Each chunk is keyed by its first name.
+        for (k, v) in &before {
+            let first = &decode(v).expect("decode")[0].name;
+            assert_eq!(k, &chunk_key(b"big", first));
+        }
+
+        // One new name in the middle: one chunk is rewritten, the others stay as they were.
+        let new = file(1001);
+        write(vec![new.clone()], &mut drafts);
+        files.push(new);
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let after = chunks_of(&cache, b"big");
+        let kept = after.iter().filter(|c| before.contains(c)).count();
+        assert!(
+            kept + 2 >= before.len(),
+            "{kept} of {} chunks kept",
+            before.len()
+        );
+        assert_eq!(cache.snapshot().dir(&dir).expect("stored").files, files);
+
+        // A name before the first chunk's, a fix, and a removal, through one scan delta.
+        let first = file(0);
+        let mut early = f("a-first", 7);
+        early.hash = Hash([9; 32]);
+        drafts.insert(
+            dir.clone(),
+            Delta {
+                upserts: vec![early.clone()],
+                removed: vec![files[500].name.clone()],
+            },
+        );
+        let mut change = BTreeMap::new();
+        let fixed_version = Token {
+            ino: 42,
+            ..Token::default()
+        }
+        .to_version();
+        change.insert(
+            dir.clone(),
+            DirChange {
+                written: Vec::new(),
+                fixed: vec![(first.name.clone(), fixed_version.clone(), true)],
+            },
+        );
+        cache.record_chunk(change, &mut drafts).expect("record");
+        files.remove(500);
+        files[0].rep = fixed_version;
+        files[0].xattrs = true;
+        files.insert(0, early);
+        assert_eq!(cache.snapshot().dir(&dir).expect("stored").files, files);
+        assert_eq!(
+            chunks_of(&cache, b"big")[0].0,
+            chunk_key(b"big", b"a-first")
+        );
+
+        // Read back by name: only those entries, present or not.
+        let names = vec![
+            files[1].name.clone(),
+            b"m00777".to_vec(),
+            files[900].name.clone(),
+        ];
+        assert_eq!(
+            cache
+                .snapshot()
+                .dir_only(&dir, &names)
+                .expect("stored")
+                .files,
+            vec![files[1].clone(), files[900].clone()]
+        );
+
+        // Every name of a middle chunk removed: that chunk is gone, no empty one is left.
+        let middle = decode(&chunks_of(&cache, b"big")[5].1).expect("decode");
+        drafts.insert(
+            dir.clone(),
+            Delta {
+                upserts: Vec::new(),
+                removed: middle.iter().map(|c| c.name.clone()).collect(),
+            },
+        );
+        cache
+            .record_chunk(BTreeMap::new(), &mut drafts)
+            .expect("record");
+        let mut change = BTreeMap::new();
+        change.insert(dir.clone(), DirChange::default());
+        cache.record_chunk(change, &mut drafts).expect("record");
+        files.retain(|c| !middle.contains(c));
+        assert_eq!(cache.snapshot().dir(&dir).expect("stored").files, files);
+        assert!(chunks_of(&cache, b"big")
+            .iter()
+            .all(|(_, v)| !decode(v).expect("decode").is_empty()));
     }
 }

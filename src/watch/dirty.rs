@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Component;
 
 use crate::model::RelPath;
@@ -106,6 +107,15 @@ impl Listed<'_> {
     /// Whether the entry `name` must be read.
     pub fn wants(&self, name: &OsStr) -> bool {
         self.every || self.names.is_some_and(|n| n.contains(name)) || self.subdirs.contains(name)
+    }
+
+    /// The entries to read (unless `every`), sorted by name bytes.
+    pub fn names(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = self.names.into_iter().flatten().cloned().collect();
+        out.extend(self.subdirs.iter().map(|n| n.to_os_string()));
+        out.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        out.dedup();
+        out
     }
 }
 
@@ -309,6 +319,14 @@ mod tests {
             Some(vec!["f", "g"])
         );
         assert_eq!(set.scope(&rel("d/e/sub")), Scope::Skip);
+        match set.scope(&rel("d")) {
+            Scope::List(l) => assert_eq!(l.names(), vec![OsString::from("e")]),
+            s => panic!("{s:?}"),
+        }
+        match set.scope(&rel("d/e")) {
+            Scope::List(l) => assert_eq!(l.names(), vec![OsString::from("f"), "g".into()]),
+            s => panic!("{s:?}"),
+        }
         assert_eq!(set.scope(&rel("d/x")), Scope::Skip);
     }
 

@@ -167,7 +167,10 @@ fn a_partial_pass_reads_only_the_entries_that_changed() {
     write(&env.src.join("links/a"), b"one inode");
     fs::hard_link(env.src.join("links/a"), env.src.join("links/b")).expect("ln");
     write(&env.src.join("links/other"), b"other");
-    let _d = Daemon::start(&env, &[], &[]);
+    for f in ["s1", "s2", "s3"] {
+        write(&env.src.join("small").join(f), f.as_bytes());
+    }
+    let d = Daemon::start(&env, &[], &[]);
     assert!(mirrored(&env));
 
     // One file changed in it: that name is read on both sides, and the way down to it
@@ -178,15 +181,35 @@ fn a_partial_pass_reads_only_the_entries_that_changed() {
     let read = next_pass_read(&env, since);
     assert!(read <= 8, "the partial pass read {read} entries");
 
-    // A name that only the replica has (put there by hand, or left by a failed pass), in
-    // a directory a pass lists, is found by a second look and removed, as a full pass
-    // would; the names both sides have and no event named are still not read.
+    // A name that only the replica has (put there by hand) is not seen by a partial pass,
+    // which reads only what events named; the full pass removes it.
     write(&env.rep.join("big/stray"), b"not in the source");
     let since = env.schedule_log().len();
     write(&env.src.join("big/f008"), b"changed too");
-    assert_mirrors_soon(&env, "a stray replica name");
     let read = next_pass_read(&env, since);
-    assert!(read <= 9, "the partial pass read {read} entries");
+    assert!(read <= 8, "the partial pass read {read} entries");
+    assert_eq!(
+        fs::read(env.rep.join("big/f008")).expect("read"),
+        b"changed too"
+    );
+    assert!(env.rep.join("big/stray").exists());
+    let since = env.schedule_log().len();
+    // SIGUSR1: a pass now, a full one.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::SIGUSR1,
+    )
+    .expect("kill -USR1");
+    let read = next_pass_read(&env, since);
+    assert!(read > 800, "the full pass read only {read} entries");
+    assert!(!env.rep.join("big/stray").exists());
+    assert!(mirrored(&env));
+
+    // A directory the replica lacks (removed by hand) is made whole when an event names
+    // something in it, not with the named entry alone.
+    fs::remove_dir_all(env.rep.join("small")).expect("rm -r");
+    write(&env.src.join("small/s1"), b"s1 changed");
+    assert_mirrors_soon(&env, "a directory the replica lacks");
 
     // A write through one name of a hard-linked file reaches the other name, which no
     // event names: a linked file means its directory is read whole.
