@@ -663,19 +663,31 @@ impl Edits {
 /// and written, not the whole record.
 fn edit(dirs: &mut redb::Table<&[u8], &[u8]>, dir: &RelPath, edits: Edits) -> Result<(), String> {
     let dir = dir.as_bytes();
-    // Which chunk each edit falls in (the names are in order, so are their chunks).
-    type Group = (Option<Chunk>, Vec<(Vec<u8>, Edit)>);
-    let mut groups: Vec<Group> = Vec::new();
-    for (name, e) in edits.0 {
-        let chunk = chunk_of(&*dirs, dir, &name)?;
-        match groups.last_mut() {
-            Some((c, list)) if c.as_ref().map(|c| &c.0) == chunk.as_ref().map(|c| &c.0) => {
-                list.push((name, e))
-            }
-            _ => groups.push((chunk, vec![(name, e)])),
+    let (_, hi) = chunk_range(dir);
+    let mut names = edits.0.into_iter().peekable();
+    while let Some(first) = names.next() {
+        // The chunk the first name falls in, and where the next chunk starts: every name
+        // before that falls in this chunk too (one lookup per chunk, not per name).
+        let chunk = chunk_of(&*dirs, dir, &first.0)?;
+        let next = match &chunk {
+            Some((key, _)) => dirs
+                .range::<&[u8]>((
+                    std::ops::Bound::Excluded(key.as_slice()),
+                    std::ops::Bound::Excluded(hi.as_slice()),
+                ))
+                .map_err(db_err)?
+                .next()
+                .transpose()
+                .map_err(db_err)?
+                .map(|(k, _)| k.value().to_vec()),
+            None => None,
+        };
+        let mut list = vec![first];
+        while let Some(e) =
+            names.next_if(|(n, _)| next.as_ref().is_none_or(|k| chunk_key(dir, n) < *k))
+        {
+            list.push(e);
         }
-    }
-    for (chunk, list) in groups {
         let files = match &chunk {
             Some((key, bytes)) => {
                 dirs.remove(key.as_slice()).map_err(db_err)?;
