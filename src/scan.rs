@@ -88,6 +88,9 @@ pub fn scan(ctx: &Ctx, src_root: &Meta, rep_root: Option<&Meta>) -> Scanned {
     walk(ctx, &RelPath::root(), Some(src_root), rep_root, false)
 }
 
+/// Entries of one directory decided at a time.
+const DECIDE_BATCH: usize = 4096;
+
 /// What one name contributes to its directory.
 #[derive(Default)]
 struct Child {
@@ -178,25 +181,35 @@ fn walk(
     } else {
         DirRecord::default()
     };
-    let pairs = merge(src_entries, rep_kept);
-    let children: Vec<Child> = pairs
-        .into_par_iter()
-        .map(|(name, s, r)| decide(ctx, rel, name, s, r, &record))
-        .collect();
-
-    let mut files = Vec::new();
+    let mut pairs = merge(src_entries, rep_kept);
+    // The record's changes, found as the entries come, in name order.
+    let mut delta = crate::state::cache::DeltaBuilder::new(&record.files);
     let mut copies = false;
-    for child in children {
-        touched |= child.changed;
-        copies |= child.copies;
-        files.extend(child.cached);
-        out = out.merge(child.plan);
-        spill(ctx, &mut out, crate::spill::batch());
+    // Decided in batches, so that a directory of a million entries never holds a decision
+    // (about 450 bytes) for each at once.
+    loop {
+        let batch: Vec<_> = pairs.by_ref().take(DECIDE_BATCH).collect();
+        if batch.is_empty() {
+            break;
+        }
+        let children: Vec<Child> = batch
+            .into_par_iter()
+            .map(|(name, s, r)| decide(ctx, rel, name, s, r, &record))
+            .collect();
+        for child in children {
+            touched |= child.changed;
+            copies |= child.copies;
+            if let Some(c) = child.cached {
+                delta.push(c);
+            }
+            out = out.merge(child.plan);
+            spill(ctx, &mut out, crate::spill::batch());
+        }
     }
     if src.is_some() {
         // Entries a partial pass did not read keep their cache entries.
         // (A partial pass's record holds only the entries it read.)
-        let delta = Delta::between(&record.files, files);
+        let delta = delta.finish();
         match ctx.settled {
             Some(settled) if !copies && !delta.is_empty() => settled.add(rel.clone(), delta),
             _ if copies || !delta.is_empty() => out.drafts.push(Draft {
@@ -316,35 +329,37 @@ fn spill(ctx: &Ctx, out: &mut Scanned, at: usize) {
 
 type Pair<S, R> = (OsString, Option<S>, Option<R>);
 
-/// Merges two name-sorted listings into (name, source entry, replica entry) triples.
-fn merge<V, W>(src: Vec<Entry<V>>, rep: Vec<Entry<W>>) -> Vec<Pair<Entry<V>, Entry<W>>> {
-    let mut out = Vec::with_capacity(src.len().max(rep.len()));
+/// Merges two name-sorted listings into (name, source entry, replica entry) triples, as
+/// they are asked for.
+fn merge<V, W>(
+    src: Vec<Entry<V>>,
+    rep: Vec<Entry<W>>,
+) -> impl Iterator<Item = Pair<Entry<V>, Entry<W>>> {
     let mut s = src.into_iter().peekable();
     let mut r = rep.into_iter().peekable();
-    loop {
+    std::iter::from_fn(move || {
         let order = match (s.peek(), r.peek()) {
-            (None, None) => break,
+            (None, None) => return None,
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (Some(a), Some(b)) => a.name.as_bytes().cmp(b.name.as_bytes()),
         };
-        match order {
+        Some(match order {
             std::cmp::Ordering::Less => {
                 let a = s.next().expect("peeked");
-                out.push((a.name.clone(), Some(a), None));
+                (a.name.clone(), Some(a), None)
             }
             std::cmp::Ordering::Greater => {
                 let b = r.next().expect("peeked");
-                out.push((b.name.clone(), None, Some(b)));
+                (b.name.clone(), None, Some(b))
             }
             std::cmp::Ordering::Equal => {
                 let a = s.next().expect("peeked");
                 let b = r.next().expect("peeked");
-                out.push((a.name.clone(), Some(a), Some(b)));
+                (a.name.clone(), Some(a), Some(b))
             }
-        }
-    }
-    out
+        })
+    })
 }
 
 fn decide(

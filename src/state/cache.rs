@@ -537,22 +537,48 @@ pub struct Delta {
     pub removed: Vec<Vec<u8>>,
 }
 
+/// Builds the delta between a stored record and the entries a scan finds, as it finds them
+/// (in name order), holding only the differences.
+pub struct DeltaBuilder<'a> {
+    old: std::iter::Peekable<std::slice::Iter<'a, CachedFile>>,
+    delta: Delta,
+}
+
+impl<'a> DeltaBuilder<'a> {
+    /// `old` is sorted by name.
+    pub fn new(old: &'a [CachedFile]) -> Self {
+        DeltaBuilder {
+            old: old.iter().peekable(),
+            delta: Delta::default(),
+        }
+    }
+
+    /// The next entry found (after every earlier one by name).
+    pub fn push(&mut self, n: CachedFile) {
+        while let Some(prev) = self.old.next_if(|p| p.name < n.name) {
+            self.delta.removed.push(prev.name.clone());
+        }
+        match self.old.next_if(|p| p.name == n.name) {
+            Some(prev) if *prev == n => {}
+            _ => self.delta.upserts.push(n),
+        }
+    }
+
+    /// The delta: what was pushed and differs, and the stored names never pushed.
+    pub fn finish(mut self) -> Delta {
+        self.delta.removed.extend(self.old.map(|p| p.name.clone()));
+        self.delta
+    }
+}
+
 impl Delta {
     /// `old` and `new` are both sorted by name.
     pub fn between(old: &[CachedFile], new: Vec<CachedFile>) -> Delta {
-        let mut d = Delta::default();
-        let mut o = old.iter().peekable();
+        let mut b = DeltaBuilder::new(old);
         for n in new {
-            while let Some(prev) = o.next_if(|p| p.name < n.name) {
-                d.removed.push(prev.name.clone());
-            }
-            match o.next_if(|p| p.name == n.name) {
-                Some(prev) if *prev == n => {}
-                _ => d.upserts.push(n),
-            }
+            b.push(n);
         }
-        d.removed.extend(o.map(|p| p.name.clone()));
-        d
+        b.finish()
     }
 
     pub fn is_empty(&self) -> bool {
