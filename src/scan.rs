@@ -88,8 +88,19 @@ pub fn scan(ctx: &Ctx, src_root: &Meta, rep_root: Option<&Meta>) -> Scanned {
     walk(ctx, &RelPath::root(), Some(src_root), rep_root, false)
 }
 
-/// Entries of one directory decided at a time.
-const DECIDE_BATCH: usize = 4096;
+/// Entries of one directory decided at a time: 4,096, unless the test hook
+/// `SYNCER_TEST_DECIDE_AT` sets it (the integration tests set 2, so that their small
+/// directories take the path a large one takes).
+fn decide_batch() -> usize {
+    static AT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        std::env::var("SYNCER_TEST_DECIDE_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(4096)
+    })
+}
 
 /// What one name contributes to its directory.
 #[derive(Default)]
@@ -188,7 +199,7 @@ fn walk(
     // Decided in batches, so that a directory of a million entries never holds a decision
     // (about 450 bytes) for each at once.
     loop {
-        let batch: Vec<_> = pairs.by_ref().take(DECIDE_BATCH).collect();
+        let batch: Vec<_> = pairs.by_ref().take(decide_batch()).collect();
         if batch.is_empty() {
             break;
         }

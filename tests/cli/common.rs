@@ -23,13 +23,14 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_syncer")))
 }
 
-/// The binary, with every plan action going through the on-disk spill and every settled
-/// cache draft written during the scan (the paths a large tree takes), however small the
-/// test tree.
+/// The binary, with every plan action going through the on-disk spill, every settled cache
+/// draft written during the scan and every directory decided two entries at a time (the
+/// paths a large tree takes), however small the test tree.
 pub fn syncer() -> Command {
     let mut c = Command::new(bin());
     c.env("SYNCER_TEST_SPILL_AT", "1");
     c.env("SYNCER_TEST_SETTLED_AT", "1");
+    c.env("SYNCER_TEST_DECIDE_AT", "2");
     c
 }
 
