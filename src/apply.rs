@@ -488,7 +488,8 @@ impl Applier<'_> {
     /// Renames the replica directory `d.from` to `to`, after checking that both sides are
     /// still what the scan paired: the replica directory holds exactly the files of `d`, each
     /// at its version, and each source file has its token. Each file then gets the source's
-    /// metadata unless the cache vouched that it had it (`MoveSpec::in_sync`). Otherwise, or
+    /// metadata (at the version checked) unless it has it: the same mode, owner and times,
+    /// and extended attributes the cache vouched for (`MoveSpec::in_sync`). Otherwise, or
     /// if the rename fails, the directory is made and each file moved on its own, and what is
     /// left of the old directory is deleted, as the plan would have done without moves.
     fn move_dir(&self, to: &RelPath, d: &DirMove) -> Applied {
@@ -514,16 +515,22 @@ impl Applier<'_> {
         d.files
             .par_iter()
             .zip(sources.par_iter())
-            .map(|((to, m), (meta, rep))| {
+            .map(|((to, m), (meta, rep_meta, rep))| {
                 let mut out = moved(to, m);
-                let rep = if m.in_sync {
+                // The cache vouches for the extended attributes (`in_sync`); mode, owner
+                // and times are compared here, as in any pass (a metadata fix that failed
+                // leaves a cache entry at the source's token).
+                let rep = if m.in_sync && !self.replica.capabilities().meta_differs(meta, rep_meta)
+                {
                     rep.clone()
                 } else {
                     let xattrs = match self.source_xattrs(to, Kind::File) {
                         Ok(x) => x,
                         Err(e) => return out.merge(Applied::problem(e)),
                     };
-                    match self.replica.set_meta(to, meta, xattrs.as_ref(), None) {
+                    // A directory's rename changes no file's version: the file must still be
+                    // at the version checked, or it changed in the replica meanwhile.
+                    match self.replica.set_meta(to, meta, xattrs.as_ref(), Some(rep)) {
                         Ok(Some(rep)) => rep,
                         Ok(None) => {
                             return out.merge(Applied::problem(EntryError::ChangedInReplica {
@@ -546,9 +553,14 @@ impl Applier<'_> {
             .merge(done)
     }
 
-    /// The source metadata and the replica version of each file of a directory move, in
-    /// the order of `d.files`, if both sides are still what the scan paired.
-    fn check_dir_move(&self, to: &RelPath, d: &DirMove) -> Result<Vec<(Meta, Version)>, String> {
+    /// The source metadata, the replica metadata and the replica version of each file of a
+    /// directory move, in the order of `d.files`, if both sides are still what the scan
+    /// paired.
+    fn check_dir_move(
+        &self,
+        to: &RelPath,
+        d: &DirMove,
+    ) -> Result<Vec<(Meta, Meta, Version)>, String> {
         let reason = |e: io::Error| crate::error::reason(&e);
         let rep = self.replica.list(&d.from).map_err(reason)?;
         if rep.len() != d.files.len() {
@@ -569,7 +581,7 @@ impl Applier<'_> {
                 .filter(|r| r.meta.kind == Kind::File && r.version == m.rep);
             let s = find(&src, name).filter(|s| s.meta.kind == Kind::File && s.version == m.src);
             match (s, r) {
-                (Some(s), Some(r)) => out.push((s.meta, r.version.clone())),
+                (Some(s), Some(r)) => out.push((s.meta, r.meta, r.version.clone())),
                 _ => {
                     return Err(format!(
                         "'{to}' or '{}' changed since it was hashed",

@@ -335,7 +335,12 @@ impl<'a> Pass<'a> {
         for (_, _, line) in lines {
             journal::plan_line(format_args!("would {line}"));
         }
-        self.conclude()
+        let mut this = self;
+        if plan.read_failed() {
+            // Logged when it happened: the plan printed is not the whole plan.
+            this.record.counts.errors += 1;
+        }
+        this.conclude()
     }
 
     /// 6–7. Apply, chunk by chunk, each chunk made durable (the replica's commit) before the

@@ -629,3 +629,34 @@ fn the_guard_counts_a_move_as_neither_a_deletion_nor_a_creation() {
     let run = h.pass().expect("one deletion: the emptied directory");
     assert_eq!(run.applied.counts.moved, 20);
 }
+
+#[test]
+fn a_renamed_directory_still_gets_a_mode_its_file_lacks_though_the_cache_knows_the_file() {
+    let h = Harness::new(full_caps());
+    h.src.dir("p");
+    h.src.dir("p/d");
+    h.src.file("p/d/a", b"alpha", 0o644, 10);
+    h.src.file("p/d/b", b"bravo", 0o644, 10);
+    h.src.dir("q");
+    h.pass().expect("first pass");
+    // A chmod whose fix never ran (it failed, or the pass was cut off), while the scan's
+    // cache entry for the file, at its new source token, was written.
+    h.src.edit("p/d/b", |n| n.meta.perm = 0o600);
+    let (mut scanned, hashed) = h.scan();
+    assert!(
+        scanned
+            .plan
+            .iter()
+            .any(|a| matches!(a.op, crate::plan::Op::Meta { .. })),
+        "a metadata fix is planned"
+    );
+    scanned.plan = crate::plan::Plan::default();
+    h.apply(scanned, hashed).expect("the cache drafts only");
+    assert_eq!(h.rep.get("p/d/b").expect("kept").meta.perm, 0o644);
+    // The directory renamed in the source: its files keep their tokens.
+    Replica::rename(&h.src, &rel("p/d"), &rel("q/e")).expect("rename in the source");
+    let run = h.pass().expect("a move deletes nothing the guard counts");
+    assert_eq!(run.plan, ["MOVE DIR p/d -> q/e (2 files)"]);
+    assert_eq!(h.rep.get("q/e/b").expect("moved").meta.perm, 0o600);
+    assert_eq!(h.rep.get("q/e/a").expect("moved").meta.perm, 0o644);
+}

@@ -17,13 +17,17 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::plan::Action;
 
 /// Actions kept in memory by a directory's scan before they go to the spill.
 pub const BATCH: usize = 1024;
+
+/// No action is this long (a whole-directory move of a million files is about 150 MB): a
+/// longer length is a corrupt file, refused before anything is allocated for it.
+const MAX_RECORD: usize = 1 << 30;
 
 /// `BATCH`, unless the test hook `SYNCER_TEST_SPILL_AT` sets it (the integration tests set 1,
 /// so that their small trees take the path a large one takes).
@@ -112,6 +116,7 @@ impl Spill {
             file: w.file,
             count: w.count,
             read_failed: AtomicBool::new(false),
+            readable: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -123,6 +128,9 @@ pub struct Spilled {
     file: File,
     count: u64,
     read_failed: AtomicBool,
+    /// After a failed read, how many actions every later read yields (the ones before the
+    /// failure), so that every phase of apply sees the same plan.
+    readable: AtomicU64,
 }
 
 impl Spilled {
@@ -154,22 +162,29 @@ impl Spilled {
                 pos: 0,
             },
         );
-        let mut left = self.count;
+        let mut left = self.count.min(self.readable.load(Ordering::Relaxed));
+        let mut at = 0u64;
         let mut buf = Vec::new();
         std::iter::from_fn(move || {
             if left == 0 {
                 return None;
             }
             left -= 1;
+            at += 1;
             let mut len = [0u8; 4];
             let read = r.read_exact(&mut len).and_then(|()| {
-                buf.resize(u32::from_le_bytes(len) as usize, 0);
+                let len = u32::from_le_bytes(len) as usize;
+                if len > MAX_RECORD {
+                    return Err(io::Error::other(format!("a record of {len} bytes")));
+                }
+                buf.resize(len, 0);
                 r.read_exact(&mut buf)?;
                 postcard::from_bytes::<Action>(&buf).map_err(|e| io::Error::other(e.to_string()))
             });
             match read {
                 Ok(a) => Some(a),
                 Err(e) => {
+                    self.readable.fetch_min(at - 1, Ordering::Relaxed);
                     if !self.read_failed.swap(true, Ordering::Relaxed) {
                         log::error!(
                             "could not read the plan back from the state directory: {}",
@@ -338,5 +353,34 @@ mod tests {
         };
         assert_eq!(names(&plan), [&b"a"[..], b"b"]);
         assert!(plan.read_failed());
+    }
+
+    #[test]
+    fn a_corrupt_length_is_refused_and_every_later_read_stops_at_the_same_place() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spill = Spill::new(dir.path()).expect("spill");
+        spill.append(&mut vec![copy(b"a", 1), copy(b"b", 2)]);
+        let mut cut = spill.finish();
+        // A third record whose length says 4 GiB: refused, nothing allocated for it.
+        let end = cut.file.metadata().expect("stat").len();
+        cut.file.write_at(&[0xff; 4], end).expect("write");
+        cut.count = 3;
+        let plan = Plan {
+            spilled: Some(cut),
+            ..Plan::default()
+        };
+        assert_eq!(names(&plan), [&b"a"[..], b"b"]);
+        assert!(plan.read_failed());
+        // Each phase of apply reads the plan again: it sees the same two actions.
+        assert_eq!(names(&plan), [&b"a"[..], b"b"]);
+        assert_eq!(
+            plan.spilled
+                .as_ref()
+                .expect("spilled")
+                .readable
+                .load(Ordering::Relaxed),
+            2
+        );
     }
 }

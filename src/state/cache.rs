@@ -30,7 +30,7 @@ const PASSES: TableDefinition<u64, &str> = TableDefinition::new("passes");
 
 /// Bumped whenever the record encoding changes; a database of another version is rebuilt.
 /// 5: postcard records (4 was bincode 1). 6: a local replica's versions as varints. 7: each
-/// record in chunks of at most one page.
+/// record in chunks of at most one page. 8: chunks keyed by their first name.
 const FORMAT: &[u8] = b"syncer-cache-8";
 
 /// How many pass summaries the database keeps.

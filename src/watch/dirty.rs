@@ -5,10 +5,11 @@
 //! between (a file written twice, created and deleted, renamed back) is judged by what is
 //! there at pass time.
 //!
-//! In a shallow directory only the named entries are read (`lstat`, compare), plus any name
-//! that one side has and the other lacks: every other entry is known unchanged since the
-//! pass that last looked at it, because inotify reports every change made through the tree
-//! to the directory that holds the name. So a partial pass costs what changed, not the size
+//! In a shallow directory only the named entries are read (`lstat`, compare), without
+//! listing it: every other entry is known unchanged since the pass that last looked at it,
+//! because inotify reports every change made through the tree to the directory that holds
+//! the name. (A directory one side lacks, or that holds a file with several names, is still
+//! listed whole: see `scan::list_pair`.) So a partial pass costs what changed, not the size
 //! of the directories it touched (one new mail in a 100,000-file maildir is one entry read,
 //! not 200,000). What inotify does not report (a write through a hard link from outside the
 //! tree, through mmap, by another host) is what the full pass is for.
