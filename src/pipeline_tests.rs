@@ -502,8 +502,8 @@ fn a_renamed_directory_that_gained_a_file_becomes_renames_and_the_next_pass_read
     );
 }
 
-#[test]
-fn a_renamed_directory_is_one_rename_and_the_next_pass_reads_nothing() {
+/// Mirrored: `p/d/a`, `p/d/b` (0644) and an empty `q`.
+fn mirrored_p_d() -> Harness {
     let h = Harness::new(full_caps());
     h.src.dir("p");
     h.src.dir("p/d");
@@ -511,6 +511,12 @@ fn a_renamed_directory_is_one_rename_and_the_next_pass_reads_nothing() {
     h.src.file("p/d/b", b"bravo", 0o644, 10);
     h.src.dir("q");
     h.pass().expect("first pass");
+    h
+}
+
+#[test]
+fn a_renamed_directory_is_one_rename_and_the_next_pass_reads_nothing() {
+    let h = mirrored_p_d();
     h.rep.take_calls();
     move_in_source(&h, "p/d", "q/e");
     h.src.edit("q/e/b", |n| n.meta.perm = 0o600);
@@ -632,13 +638,7 @@ fn the_guard_counts_a_move_as_neither_a_deletion_nor_a_creation() {
 
 #[test]
 fn a_renamed_directory_still_gets_a_mode_its_file_lacks_though_the_cache_knows_the_file() {
-    let h = Harness::new(full_caps());
-    h.src.dir("p");
-    h.src.dir("p/d");
-    h.src.file("p/d/a", b"alpha", 0o644, 10);
-    h.src.file("p/d/b", b"bravo", 0o644, 10);
-    h.src.dir("q");
-    h.pass().expect("first pass");
+    let h = mirrored_p_d();
     // A chmod whose fix never ran (it failed, or the pass was cut off), while the scan's
     // cache entry for the file, at its new source token, was written.
     h.src.edit("p/d/b", |n| n.meta.perm = 0o600);
