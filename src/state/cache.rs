@@ -113,19 +113,55 @@ impl Recall for Snapshot {
     fn dir_only(&self, rel: &RelPath, names: &[Vec<u8>]) -> Option<DirRecord> {
         let table = self.table.as_ref()?;
         let dir = rel.as_bytes();
+        let Some(first) = names.first() else {
+            return Some(DirRecord::default());
+        };
+        // One range over the directory's chunks, from the one that holds the first name:
+        // a chunk is decoded only if a wanted name falls in it (below the next chunk's
+        // first name), and without copying the names it does not want.
+        let (lo, hi) = chunk_range(dir);
+        let at = chunk_key(dir, first);
+        let start = match table
+            .range::<&[u8]>(lo.as_slice()..=at.as_slice())
+            .ok()?
+            .next_back()
+        {
+            Some(entry) => entry.ok()?.0.value().to_vec(),
+            None => lo,
+        };
+        let mut chunks = table
+            .range::<&[u8]>(start.as_slice()..hi.as_slice())
+            .ok()?
+            .peekable();
+        // No chunk at all: the directory has no record.
+        chunks.peek()?;
+        let mut want = names.iter().peekable();
         let mut files = Vec::new();
-        let mut read: Option<Vec<u8>> = None;
-        for name in names {
-            let (key, chunk) = chunk_of(table, dir, name).ok()??;
-            if read.as_ref() == Some(&key) {
-                continue;
+        while let Some(entry) = chunks.next() {
+            let (_, chunk) = entry.ok()?;
+            let next: Option<Vec<u8>> = match chunks.peek() {
+                Some(Ok((k, _))) => Some(k.value()[dir.len() + 1..].to_vec()),
+                Some(Err(_)) => return None,
+                None => None,
+            };
+            let mut here = Vec::new();
+            while let Some(n) = want.next_if(|n| next.as_ref().is_none_or(|k| *n < k)) {
+                here.push(n.as_slice());
             }
-            let part = decode(&chunk)?;
-            files.extend(
-                part.into_iter()
-                    .filter(|f| names.binary_search(&f.name).is_ok()),
-            );
-            read = Some(key);
+            // Both in name order: decoding stops at the last name wanted from this chunk.
+            let mut here = here.into_iter().peekable();
+            if here.peek().is_some() {
+                for_each_ref(chunk.value(), |f| {
+                    while here.next_if(|n| *n < f.name).is_some() {}
+                    if here.next_if(|n| *n == f.name).is_some() {
+                        files.push(f.owned());
+                    }
+                    here.peek().is_some()
+                })?;
+            }
+            if want.peek().is_none() {
+                break;
+            }
         }
         Some(DirRecord { files })
     }
@@ -213,6 +249,51 @@ fn read_record(
 /// One stored chunk, or `None` if it cannot be decoded.
 fn decode(bytes: &[u8]) -> Option<Vec<CachedFile>> {
     postcard::from_bytes(bytes).ok()
+}
+
+/// A `CachedFile` decoded in place: its name borrowed from the chunk, so that reading the
+/// few entries a partial pass wants does not copy every name of the chunk. Fields in the
+/// order of `CachedFile` (postcard encodes a `Vec<u8>` and a `&[u8]` alike).
+#[derive(Deserialize)]
+struct CachedFileRef<'a> {
+    name: &'a [u8],
+    kind: Kind,
+    src: Token,
+    rep: Version,
+    hash: Hash,
+    src_racy: bool,
+    xattrs: bool,
+}
+
+impl CachedFileRef<'_> {
+    fn owned(self) -> CachedFile {
+        CachedFile {
+            name: self.name.to_vec(),
+            kind: self.kind,
+            src: self.src,
+            rep: self.rep,
+            hash: self.hash,
+            src_racy: self.src_racy,
+            xattrs: self.xattrs,
+        }
+    }
+}
+
+/// Decodes a stored chunk one file at a time, in name order, while `each` returns true.
+/// `None`: the chunk cannot be decoded (as far as it was read).
+fn for_each_ref<'a>(
+    bytes: &'a [u8],
+    mut each: impl FnMut(CachedFileRef<'a>) -> bool,
+) -> Option<()> {
+    let (n, mut rest) = postcard::take_from_bytes::<usize>(bytes).ok()?;
+    for _ in 0..n {
+        let (file, more) = postcard::take_from_bytes::<CachedFileRef>(rest).ok()?;
+        rest = more;
+        if !each(file) {
+            break;
+        }
+    }
+    Some(())
 }
 
 /// The chunks of a record, each with the number of files it holds: a postcard sequence of
@@ -988,20 +1069,51 @@ mod tests {
             chunk_key(b"big", b"a-first")
         );
 
-        // Read back by name: only those entries, present or not.
-        let names = vec![
+        // Read back by name: only those entries, present or not, whichever chunks they fall
+        // in: before the first name, several in one chunk, a chunk's first, the last, after it.
+        let keys: Vec<Vec<u8>> = chunks_of(&cache, b"big")
+            .into_iter()
+            .map(|(k, _)| k[b"big".len() + 1..].to_vec())
+            .collect();
+        assert!(keys.len() > 10);
+        let mut names = vec![
+            b"0-before".to_vec(),
             files[1].name.clone(),
+            files[2].name.clone(),
             b"m00777".to_vec(),
             files[900].name.clone(),
+            keys[7].clone(),
+            files.last().expect("files").name.clone(),
+            b"zz-after".to_vec(),
         ];
+        names.sort();
+        let wanted: Vec<CachedFile> = files
+            .iter()
+            .filter(|c| names.contains(&c.name))
+            .cloned()
+            .collect();
+        assert_eq!(wanted.len(), 5);
         assert_eq!(
             cache
                 .snapshot()
                 .dir_only(&dir, &names)
                 .expect("stored")
                 .files,
-            vec![files[1].clone(), files[900].clone()]
+            wanted
         );
+        assert_eq!(
+            cache
+                .snapshot()
+                .dir_only(&dir, &[b"0-before".to_vec()])
+                .expect("stored")
+                .files,
+            Vec::new()
+        );
+        // A directory without a record (here one whose name sorts right after `big`'s).
+        assert!(cache
+            .snapshot()
+            .dir_only(&RelPath::from_bytes(b"big0"), &[b"f".to_vec()])
+            .is_none());
 
         // Every name of a middle chunk removed: that chunk is gone, no empty one is left.
         let middle = decode(&chunks_of(&cache, b"big")[5].1).expect("decode");

@@ -184,18 +184,29 @@ impl DirtySet {
         }
         let mut own = None;
         let mut subdirs = BTreeSet::new();
-        // Paths order component by component, so `dir`'s subtree follows it in the map.
-        for (d, m) in self.dirs.range(dir.clone()..) {
-            let Ok(below) = d.as_path().strip_prefix(dir.as_path()) else {
-                break;
-            };
-            match below.components().next() {
-                None => own = Some(m),
-                Some(Component::Normal(first)) => {
-                    subdirs.insert(first);
+        // Paths order component by component, so `dir`'s subtree follows it in the map, each
+        // sub-directory's subtree in one run: after a sub-directory's first dirty path, the
+        // search goes on past its whole subtree (from its name followed by a NUL, which sorts
+        // right after it and which no real name holds), one lookup per sub-directory.
+        let mut from = dir.clone();
+        'subtree: loop {
+            for (d, m) in self.dirs.range(from.clone()..) {
+                let Ok(below) = d.as_path().strip_prefix(dir.as_path()) else {
+                    break 'subtree;
+                };
+                match below.components().next() {
+                    None => own = Some(m),
+                    Some(Component::Normal(first)) => {
+                        subdirs.insert(first);
+                        let mut past = first.to_os_string();
+                        past.push("\0");
+                        from = dir.join(&past);
+                        continue 'subtree;
+                    }
+                    Some(_) => {}
                 }
-                Some(_) => {}
             }
+            break;
         }
         if own.is_none() && subdirs.is_empty() {
             return Scope::Skip;
@@ -443,5 +454,34 @@ mod tests {
         assert_eq!(set.scope(&rel("a/b")), Scope::All);
         // A sibling whose name starts like it is not below it.
         assert_eq!(set.scope(&rel("a-b")), Scope::Skip);
+    }
+
+    #[test]
+    fn a_directory_reads_each_dirty_subdirectory_once_whatever_lies_below_it() {
+        let mut set = DirtySet::default();
+        // Names that sort around `a` byte by byte (' ' and '-' before '/', 'b' after it):
+        // path order still keeps `a`'s subtree together, and each one is found.
+        for d in ["p/a/x/y", "p/a/z", "p/a b", "p/a-1/q", "p/ab", "p/b", "q"] {
+            set.mark(rel(d), Depth::Shallow, Some(OsStr::new("f")));
+        }
+        set.mark(rel("p"), Depth::Shallow, Some(OsStr::new("g")));
+        match set.scope(&rel("p")) {
+            Scope::List(l) => assert_eq!(
+                l.names(),
+                ["a", "a b", "a-1", "ab", "b", "g"]
+                    .map(OsString::from)
+                    .to_vec()
+            ),
+            s => panic!("{s:?}"),
+        }
+        match set.scope(&rel("")) {
+            Scope::List(l) => assert_eq!(l.names(), ["p", "q"].map(OsString::from).to_vec()),
+            s => panic!("{s:?}"),
+        }
+        match set.scope(&rel("p/a")) {
+            Scope::List(l) => assert_eq!(l.names(), ["x", "z"].map(OsString::from).to_vec()),
+            s => panic!("{s:?}"),
+        }
+        assert_eq!(set.scope(&rel("p/a/x/y/deeper")), Scope::Skip);
     }
 }
