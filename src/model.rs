@@ -48,6 +48,13 @@ pub mod path_bytes {
     }
 }
 
+/// Lookups by `&Path` in maps keyed by `RelPath` (equality, order and hash are the path's).
+impl std::borrow::Borrow<Path> for RelPath {
+    fn borrow(&self) -> &Path {
+        &self.0
+    }
+}
+
 impl Default for RelPath {
     fn default() -> Self {
         RelPath::root()

@@ -267,6 +267,7 @@ impl<'a> Pass<'a> {
             .ok();
         // Settled drafts are written during the scan, except in a dry run (which writes
         // nothing) and into a replica that does not exist yet.
+        let scopes = self.scope.as_ref().filter(|d| !d.all).map(|d| d.scopes());
         let commit = || trees.replica.commit();
         let settled = (!self.cfg.dry_run && trees.rep_root.is_some())
             .then(|| crate::state::cache::Settled::new(self.cache, &commit));
@@ -284,7 +285,7 @@ impl<'a> Pass<'a> {
             one_fs_dev: self.cfg.one_file_system.then_some(trees.src_dev),
             hard_links: trees.replica.capabilities().hard_links,
             watch: self.watcher,
-            scope: self.scope.as_ref().filter(|d| !d.all),
+            scope: scopes.as_ref(),
             moves: self.cfg.moves && trees.replica.capabilities().rename,
             spill: spill.as_ref(),
             settled: settled.as_ref(),

@@ -39,7 +39,7 @@ pub struct Ctx<'a> {
     /// Watch mode: each source directory is watched before it is listed.
     pub watch: Option<&'a crate::watch::Watcher>,
     /// A partial pass: only the dirty directories (and what leads to them) are walked.
-    pub scope: Option<&'a crate::watch::dirty::DirtySet>,
+    pub scope: Option<&'a crate::watch::dirty::Scopes<'a>>,
     /// Look for moves: replica files the plan deletes are noted (`Plan::gone`) for
     /// `moves::Finder` (the replica can rename, and `--no-moves` was not given).
     pub moves: bool,

@@ -14,10 +14,10 @@
 //! not 200,000). What inotify does not report (a write through a hard link from outside the
 //! tree, through mmap, by another host) is what the full pass is for.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Component;
+use std::path::Path;
 
 use crate::model::RelPath;
 
@@ -97,7 +97,7 @@ pub struct Listed<'a> {
     /// The entries events named in it.
     names: Option<&'a BTreeSet<OsString>>,
     /// Its sub-directories that lead to something dirty.
-    subdirs: BTreeSet<&'a OsStr>,
+    subdirs: &'a BTreeSet<&'a OsStr>,
 }
 
 impl Listed<'_> {
@@ -152,18 +152,10 @@ impl DirtySet {
 
     /// Whether a strict ancestor of `dir` (or `dir` itself, with `inclusive`) is deep.
     fn deep_above(&self, dir: &RelPath, inclusive: bool) -> bool {
-        let mut at = if inclusive {
-            Some(dir.clone())
-        } else {
-            dir.parent()
-        };
-        while let Some(d) = at {
-            if self.dirs.get(&d).is_some_and(|m| m.depth == Depth::Deep) {
-                return true;
-            }
-            at = d.parent();
-        }
-        false
+        dir.as_path()
+            .ancestors()
+            .skip(usize::from(!inclusive))
+            .any(|d| self.dirs.get(d).is_some_and(|m| m.depth == Depth::Deep))
     }
 
     pub fn everything(&mut self) {
@@ -177,45 +169,70 @@ impl DirtySet {
         std::mem::take(self)
     }
 
+    /// The index a partial pass asks how to treat each directory, built once when the
+    /// pass starts (the set does not change during a pass).
+    pub fn scopes(&self) -> Scopes<'_> {
+        let mut nodes: HashMap<&Path, Node<'_>> = HashMap::new();
+        let mut deep = HashSet::new();
+        for (dir, mark) in &self.dirs {
+            if mark.depth == Depth::Deep {
+                deep.insert(dir.as_path());
+            }
+            nodes.entry(dir.as_path()).or_default().own = Some(mark);
+            // Link it to the root: each ancestor leads to it through one sub-directory. An
+            // ancestor already in the index is already linked.
+            let mut child = dir.as_path();
+            while let (Some(parent), Some(name)) = (child.parent(), child.file_name()) {
+                let known = nodes.contains_key(parent);
+                nodes.entry(parent).or_default().subdirs.insert(name);
+                if known {
+                    break;
+                }
+                child = parent;
+            }
+        }
+        Scopes {
+            all: self.all,
+            nodes,
+            deep,
+        }
+    }
+}
+
+/// What the index knows of one directory.
+#[derive(Debug, Default)]
+struct Node<'a> {
+    /// Its own mark, if it is dirty itself.
+    own: Option<&'a Mark>,
+    /// Its sub-directories that lead to something dirty.
+    subdirs: BTreeSet<&'a OsStr>,
+}
+
+/// How a partial pass treats each directory (see `DirtySet::scopes`): one hash lookup per
+/// directory, and one per ancestor only when some mark is deep.
+#[derive(Debug)]
+pub struct Scopes<'a> {
+    all: bool,
+    nodes: HashMap<&'a Path, Node<'a>>,
+    deep: HashSet<&'a Path>,
+}
+
+impl Scopes<'_> {
     /// How a partial pass treats `dir`.
     pub fn scope(&self, dir: &RelPath) -> Scope<'_> {
-        if self.all || self.deep_above(dir, true) {
+        if self.all
+            || (!self.deep.is_empty() && dir.as_path().ancestors().any(|d| self.deep.contains(d)))
+        {
             return Scope::All;
         }
-        let mut own = None;
-        let mut subdirs = BTreeSet::new();
-        // Paths order component by component, so `dir`'s subtree follows it in the map, each
-        // sub-directory's subtree in one run: after a sub-directory's first dirty path, the
-        // search goes on past its whole subtree (from its name followed by a NUL, which sorts
-        // right after it and which no real name holds), one lookup per sub-directory.
-        let mut from = dir.clone();
-        'subtree: loop {
-            for (d, m) in self.dirs.range(from.clone()..) {
-                let Ok(below) = d.as_path().strip_prefix(dir.as_path()) else {
-                    break 'subtree;
-                };
-                match below.components().next() {
-                    None => own = Some(m),
-                    Some(Component::Normal(first)) => {
-                        subdirs.insert(first);
-                        let mut past = first.to_os_string();
-                        past.push("\0");
-                        from = dir.join(&past);
-                        continue 'subtree;
-                    }
-                    Some(_) => {}
-                }
-            }
-            break;
+        match self.nodes.get(dir.as_path()) {
+            None => Scope::Skip,
+            Some(n) => Scope::List(Listed {
+                every: n.own.is_some_and(|m| m.names.is_none()),
+                names: n.own.and_then(|m| m.names.as_ref()),
+                subdirs: &n.subdirs,
+            }),
         }
-        if own.is_none() && subdirs.is_empty() {
-            return Scope::Skip;
-        }
-        Scope::List(Listed {
-            every: own.is_some_and(|m| m.names.is_none()),
-            names: own.and_then(|m| m.names.as_ref()),
-            subdirs,
-        })
     }
 }
 
@@ -278,7 +295,7 @@ mod tests {
     /// Which of `names` a partial pass reads in `dir` (`None`: the directory is skipped
     /// or walked whole).
     fn wanted<'a>(set: &DirtySet, dir: &str, names: &[&'a str]) -> Option<Vec<&'a str>> {
-        match set.scope(&rel(dir)) {
+        match set.scopes().scope(&rel(dir)) {
             Scope::List(l) => Some(
                 names
                     .iter()
@@ -309,9 +326,9 @@ mod tests {
             dirs(&set),
             vec![("".into(), Depth::Shallow), ("a".into(), Depth::Deep)]
         );
-        assert_eq!(set.scope(&rel("a/b/c")), Scope::All);
+        assert_eq!(set.scopes().scope(&rel("a/b/c")), Scope::All);
         assert_eq!(wanted(&set, "", &["a", "b", "z"]), Some(vec!["a"]));
-        assert_eq!(set.scope(&rel("z")), Scope::Skip);
+        assert_eq!(set.scopes().scope(&rel("z")), Scope::Skip);
     }
 
     #[test]
@@ -331,16 +348,16 @@ mod tests {
             wanted(&set, "d/e", &["e", "f", "g", "h", "sub"]),
             Some(vec!["f", "g"])
         );
-        assert_eq!(set.scope(&rel("d/e/sub")), Scope::Skip);
-        match set.scope(&rel("d")) {
+        assert_eq!(set.scopes().scope(&rel("d/e/sub")), Scope::Skip);
+        match set.scopes().scope(&rel("d")) {
             Scope::List(l) => assert_eq!(l.names(), vec![OsString::from("e")]),
             s => panic!("{s:?}"),
         }
-        match set.scope(&rel("d/e")) {
+        match set.scopes().scope(&rel("d/e")) {
             Scope::List(l) => assert_eq!(l.names(), vec![OsString::from("f"), "g".into()]),
             s => panic!("{s:?}"),
         }
-        assert_eq!(set.scope(&rel("d/x")), Scope::Skip);
+        assert_eq!(set.scopes().scope(&rel("d/x")), Scope::Skip);
     }
 
     #[test]
@@ -376,7 +393,7 @@ mod tests {
     fn overflow_and_the_root_going_away_mean_a_full_pass() {
         let mut set = run(&[entry("a", "f", false, What::Closed), Event::Lost]);
         assert!(set.all && set.dirs.is_empty());
-        assert_eq!(set.scope(&rel("anything")), Scope::All);
+        assert_eq!(set.scopes().scope(&rel("anything")), Scope::All);
         let taken = set.take();
         assert!(taken.all && set.is_empty());
         let set = run(&[Event::Itself {
@@ -415,7 +432,7 @@ mod tests {
         for n in &names[..MAX_NAMES] {
             reduce(&mut set, &entry("d", n, false, What::Closed));
         }
-        match set.scope(&rel("d")) {
+        match set.scopes().scope(&rel("d")) {
             Scope::List(l) => assert!(!l.every() && !l.wants(OsStr::new("other"))),
             s => panic!("{s:?}"),
         }
@@ -423,7 +440,7 @@ mod tests {
             &mut set,
             &entry("d", &names[MAX_NAMES], false, What::Closed),
         );
-        match set.scope(&rel("d")) {
+        match set.scopes().scope(&rel("d")) {
             Scope::List(l) => assert!(l.every() && l.wants(OsStr::new("other"))),
             s => panic!("{s:?}"),
         }
@@ -438,7 +455,7 @@ mod tests {
         assert_eq!(wanted(&set, "x", &["a", "y", "z"]), Some(vec!["y"]));
         // Listed (its own attributes are compared), but none of its entries is read.
         assert_eq!(wanted(&set, "x/y", &["a", "b"]), Some(vec![]));
-        assert_eq!(set.scope(&rel("x/y/z")), Scope::Skip);
+        assert_eq!(set.scopes().scope(&rel("x/y/z")), Scope::Skip);
     }
 
     #[test]
@@ -451,9 +468,9 @@ mod tests {
             dirs(&set),
             vec![("".into(), Depth::Shallow), ("a".into(), Depth::Deep)]
         );
-        assert_eq!(set.scope(&rel("a/b")), Scope::All);
+        assert_eq!(set.scopes().scope(&rel("a/b")), Scope::All);
         // A sibling whose name starts like it is not below it.
-        assert_eq!(set.scope(&rel("a-b")), Scope::Skip);
+        assert_eq!(set.scopes().scope(&rel("a-b")), Scope::Skip);
     }
 
     #[test]
@@ -465,7 +482,7 @@ mod tests {
             set.mark(rel(d), Depth::Shallow, Some(OsStr::new("f")));
         }
         set.mark(rel("p"), Depth::Shallow, Some(OsStr::new("g")));
-        match set.scope(&rel("p")) {
+        match set.scopes().scope(&rel("p")) {
             Scope::List(l) => assert_eq!(
                 l.names(),
                 ["a", "a b", "a-1", "ab", "b", "g"]
@@ -474,14 +491,14 @@ mod tests {
             ),
             s => panic!("{s:?}"),
         }
-        match set.scope(&rel("")) {
+        match set.scopes().scope(&rel("")) {
             Scope::List(l) => assert_eq!(l.names(), ["p", "q"].map(OsString::from).to_vec()),
             s => panic!("{s:?}"),
         }
-        match set.scope(&rel("p/a")) {
+        match set.scopes().scope(&rel("p/a")) {
             Scope::List(l) => assert_eq!(l.names(), ["x", "z"].map(OsString::from).to_vec()),
             s => panic!("{s:?}"),
         }
-        assert_eq!(set.scope(&rel("p/a/x/y/deeper")), Scope::Skip);
+        assert_eq!(set.scopes().scope(&rel("p/a/x/y/deeper")), Scope::Skip);
     }
 }
