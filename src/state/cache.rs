@@ -116,52 +116,44 @@ impl Recall for Snapshot {
         let Some(first) = names.first() else {
             return Some(DirRecord::default());
         };
-        // One range over the directory's chunks, from the one that holds the first name:
-        // a chunk is decoded only if a wanted name falls in it (below the next chunk's
-        // first name), and without copying the names it does not want.
+        // The chunk that holds (or would hold) the first name is the last key not above
+        // its: found with a range open to the left, whose left end is the table's first
+        // leaf, which is always cached, where a range from `dir\0` would also read the
+        // page of the directory's first chunk. From there one range open to the right
+        // (its right end is the table's last leaf, also always cached), read lazily: a
+        // chunk's page is read only once the names wanted so far are all behind.
         let (lo, hi) = chunk_range(dir);
         let at = chunk_key(dir, first);
-        let start = match table
-            .range::<&[u8]>(lo.as_slice()..=at.as_slice())
-            .ok()?
-            .next_back()
-        {
-            Some(entry) => entry.ok()?.0.value().to_vec(),
-            None => lo,
+        let floor = match table.range::<&[u8]>(..=at.as_slice()).ok()?.next_back() {
+            Some(entry) => Some(entry.ok()?.0.value().to_vec()),
+            None => None,
         };
-        let mut chunks = table
-            .range::<&[u8]>(start.as_slice()..hi.as_slice())
-            .ok()?
-            .peekable();
-        // No chunk at all: the directory has no record.
-        chunks.peek()?;
+        let start = floor.filter(|k| *k >= lo).unwrap_or(lo);
         let mut want = names.iter().peekable();
         let mut files = Vec::new();
-        while let Some(entry) = chunks.next() {
-            let (_, chunk) = entry.ok()?;
-            let next: Option<Vec<u8>> = match chunks.peek() {
-                Some(Ok((k, _))) => Some(k.value()[dir.len() + 1..].to_vec()),
-                Some(Err(_)) => return None,
-                None => None,
-            };
-            let mut here = Vec::new();
-            while let Some(n) = want.next_if(|n| next.as_ref().is_none_or(|k| *n < k)) {
-                here.push(n.as_slice());
+        let mut any = false;
+        for entry in table.range::<&[u8]>(start.as_slice()..).ok()? {
+            let (key, chunk) = entry.ok()?;
+            if key.value() >= hi.as_slice() {
+                break;
             }
-            // Both in name order: decoding stops at the last name wanted from this chunk.
-            let mut here = here.into_iter().peekable();
-            if here.peek().is_some() {
-                for_each_ref(chunk.value(), |f| {
-                    while here.next_if(|n| *n < f.name).is_some() {}
-                    if here.next_if(|n| *n == f.name).is_some() {
-                        files.push(f.owned());
-                    }
-                    here.peek().is_some()
-                })?;
-            }
+            any = true;
+            // Both in name order: a wanted name below a stored one is not stored, and
+            // decoding stops at the last name wanted.
+            for_each_ref(chunk.value(), |f| {
+                while want.next_if(|n| n.as_slice() < f.name).is_some() {}
+                if want.next_if(|n| n.as_slice() == f.name).is_some() {
+                    files.push(f.owned());
+                }
+                want.peek().is_some()
+            })?;
             if want.peek().is_none() {
                 break;
             }
+        }
+        // No chunk at all: the directory has no record.
+        if !any {
+            return None;
         }
         Some(DirRecord { files })
     }
