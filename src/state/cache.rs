@@ -169,22 +169,51 @@ fn chunk_of(
     dir: &[u8],
     name: &[u8],
 ) -> Result<Option<Chunk>, String> {
+    // Ranges open at one end (see `Snapshot::dir_only`): their open ends are the table's
+    // first and last leaves, where a range closed at `dir\0` or `dir\1` would also read
+    // the pages of the directory's first or last chunk.
     let (lo, hi) = chunk_range(dir);
     let at = chunk_key(dir, name);
-    let found = match table
-        .range::<&[u8]>(lo.as_slice()..=at.as_slice())
+    let owned = |k: &[u8], v: &[u8]| (k.to_vec(), v.to_vec());
+    let floor = match table
+        .range::<&[u8]>(..=at.as_slice())
         .map_err(db_err)?
         .next_back()
     {
-        Some(e) => Some(e.map_err(db_err)?),
-        None => table
-            .range::<&[u8]>(at.as_slice()..hi.as_slice())
-            .map_err(db_err)?
-            .next()
-            .transpose()
-            .map_err(db_err)?,
+        Some(e) => {
+            let (k, v) = e.map_err(db_err)?;
+            (k.value() >= lo.as_slice()).then(|| owned(k.value(), v.value()))
+        }
+        None => None,
     };
-    Ok(found.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
+    match floor {
+        Some(f) => Ok(Some(f)),
+        None => next_chunk(table, &at, true, &hi, owned),
+    }
+}
+
+/// The first chunk at or after key `from` (`inclusive`) or strictly after it, if it is below
+/// `hi` (the end of its directory's chunks), through `take(key, bytes)`.
+fn next_chunk<T>(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    from: &[u8],
+    inclusive: bool,
+    hi: &[u8],
+    take: impl FnOnce(&[u8], &[u8]) -> T,
+) -> Result<Option<T>, String> {
+    let bound = match inclusive {
+        true => std::ops::Bound::Included(from),
+        false => std::ops::Bound::Excluded(from),
+    };
+    let first = table
+        .range::<&[u8]>((bound, std::ops::Bound::Unbounded))
+        .map_err(db_err)?
+        .next()
+        .transpose()
+        .map_err(db_err)?;
+    Ok(first
+        .filter(|(k, _)| k.value() < hi)
+        .map(|(k, v)| take(k.value(), v.value())))
 }
 
 /// A directory's record is stored in chunks of about this many bytes at most, each under
@@ -302,12 +331,22 @@ fn encode(files: &[CachedFile]) -> Result<Vec<(usize, Vec<u8>)>, String> {
         *n = 0;
         Ok(())
     };
+    // One file's bytes, in a buffer reused for every file (a name is at most 255 bytes on
+    // Linux; a longer one, from elsewhere, takes the allocating path).
+    let mut buf = [0u8; 1024];
     for f in files {
-        let one = postcard::to_allocvec(f).map_err(db_err)?;
+        let spilled;
+        let one: &[u8] = match postcard::to_slice(f, &mut buf) {
+            Ok(one) => one,
+            Err(_) => {
+                spilled = postcard::to_allocvec(f).map_err(db_err)?;
+                &spilled
+            }
+        };
         if n > 0 && body.len() + one.len() + 10 > CHUNK_BYTES {
             close(&mut body, &mut n)?;
         }
-        body.extend_from_slice(&one);
+        body.extend_from_slice(one);
         n += 1;
     }
     if n > 0 {
@@ -771,16 +810,7 @@ fn edit(dirs: &mut redb::Table<&[u8], &[u8]>, dir: &RelPath, edits: Edits) -> Re
         // before that falls in this chunk too (one lookup per chunk, not per name).
         let chunk = chunk_of(&*dirs, dir, &first.0)?;
         let next = match &chunk {
-            Some((key, _)) => dirs
-                .range::<&[u8]>((
-                    std::ops::Bound::Excluded(key.as_slice()),
-                    std::ops::Bound::Excluded(hi.as_slice()),
-                ))
-                .map_err(db_err)?
-                .next()
-                .transpose()
-                .map_err(db_err)?
-                .map(|(k, _)| k.value().to_vec()),
+            Some((key, _)) => next_chunk(&*dirs, key, false, &hi, |k, _| k.to_vec())?,
             None => None,
         };
         let mut list = vec![first];
@@ -789,21 +819,29 @@ fn edit(dirs: &mut redb::Table<&[u8], &[u8]>, dir: &RelPath, edits: Edits) -> Re
         {
             list.push(e);
         }
-        let files = match &chunk {
-            Some((key, bytes)) => {
-                dirs.remove(key.as_slice()).map_err(db_err)?;
-                // A chunk that cannot be decoded is dropped: its files are hashed again.
-                decode(bytes).unwrap_or_default()
-            }
-            None => Vec::new(),
-        };
+        // A chunk that cannot be decoded is dropped: its files are hashed again.
+        let files = chunk
+            .as_ref()
+            .and_then(|(_, bytes)| decode(bytes))
+            .unwrap_or_default();
         let files = Edits::apply(list, files);
+        let pieces = encode(&files)?;
         let mut at = 0;
-        for (n, piece) in encode(&files)? {
+        for (i, (n, piece)) in pieces.iter().enumerate() {
             let key = chunk_key(dir, &files[at].name);
             at += n;
+            // The old chunk goes, unless the first piece keeps its key (the insert then
+            // replaces it); the other pieces' keys fall between it and the next chunk.
+            if let (0, Some((old, _))) = (i, &chunk) {
+                if *old != key {
+                    dirs.remove(old.as_slice()).map_err(db_err)?;
+                }
+            }
             dirs.insert(key.as_slice(), piece.as_slice())
                 .map_err(db_err)?;
+        }
+        if let (true, Some((old, _))) = (pieces.is_empty(), &chunk) {
+            dirs.remove(old.as_slice()).map_err(db_err)?;
         }
     }
     Ok(())
