@@ -23,7 +23,7 @@ use crate::replica::s3::S3Replica;
 use crate::replica::{self, Replica};
 use crate::scan::{self, Ctx, Scanned};
 use crate::source::{LocalSource, SourceTree};
-use crate::state::cache::{Cache, CachedFile, Delta, DirChange};
+use crate::state::cache::{Cache, CachedFile, ChunkError, Delta, DirChange};
 use crate::state::status::PassRecord;
 
 /// A source token whose ctime is within this window before the pass started is racy (see
@@ -347,7 +347,8 @@ impl<'a> Pass<'a> {
     /// 6–7. Apply, chunk by chunk, each chunk made durable (the replica's commit) before the
     /// cache may vouch for it. Each chunk's commit runs on a second thread while the next
     /// chunk is copied, so the copy never waits for the disk; at most one finished chunk
-    /// waits for its commit.
+    /// waits for its commit. The chunk's cache records are prepared during its commit and
+    /// committed after it.
     fn apply_and_commit(mut self, trees: &Trees, mut scanned: Scanned, progress: bool) -> Outcome {
         let cfg = self.cfg;
         let replica = trees.replica.as_ref();
@@ -384,15 +385,15 @@ impl<'a> Pass<'a> {
                         if sync_error.is_some() {
                             continue;
                         }
-                        if let Err(e) = replica.commit() {
-                            sync_error = Some(flush_error(e));
-                            continue;
-                        }
+                        // The cache's records are prepared while the replica is made
+                        // durable, and committed only after.
                         let changes = group_by_dir(written, fixed, racy);
-                        if let Err(e) = cache.record_chunk(changes, &mut drafts) {
-                            log::warn!(
+                        match cache.record_chunk_after(changes, &mut drafts, || replica.commit()) {
+                            Ok(()) => {}
+                            Err(ChunkError::Durable(e)) => sync_error = Some(flush_error(e)),
+                            Err(ChunkError::Cache(e)) => log::warn!(
                                 "could not update the hash cache: {e}; the next pass hashes again"
-                            );
+                            ),
                         }
                     }
                     (drafts, sync_error)

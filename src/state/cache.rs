@@ -159,6 +159,14 @@ impl Recall for Snapshot {
     }
 }
 
+/// Why an applied chunk was not recorded.
+pub enum ChunkError {
+    /// The replica could not be made durable.
+    Durable(std::io::Error),
+    /// The cache could not be written.
+    Cache(String),
+}
+
 /// A stored chunk: its key and its bytes.
 type Chunk = (Vec<u8>, Vec<u8>);
 
@@ -483,25 +491,59 @@ impl Cache {
     /// Records files written or fixed by one applied chunk (call only once they are
     /// durable). The first time this pass touches a directory, its scan delta is applied to
     /// the stored record too (and consumed).
+    #[cfg(test)]
     pub fn record_chunk(
         &self,
         changes: BTreeMap<RelPath, DirChange>,
         drafts: &mut HashMap<RelPath, Delta>,
     ) -> Result<(), String> {
-        let Some(db) = &self.db else { return Ok(()) };
-        let txn = db.begin_write().map_err(db_err)?;
-        {
-            let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
-            for (dir, change) in changes {
-                let mut edits = Edits::default();
-                if let Some(delta) = drafts.remove(&dir) {
-                    edits.delta(delta);
+        self.record_chunk_after(changes, drafts, || Ok(()))
+            .map_err(|e| match e {
+                ChunkError::Durable(e) => e.to_string(),
+                ChunkError::Cache(e) => e,
+            })
+    }
+
+    /// As `record_chunk`, for a chunk not yet durable: `durable` (the replica's commit)
+    /// runs on a second thread while the records are prepared, and they are committed only
+    /// once it has returned `Ok`. If it fails, nothing is recorded.
+    pub fn record_chunk_after(
+        &self,
+        changes: BTreeMap<RelPath, DirChange>,
+        drafts: &mut HashMap<RelPath, Delta>,
+        durable: impl FnOnce() -> std::io::Result<()> + Send,
+    ) -> Result<(), ChunkError> {
+        let Some(db) = &self.db else {
+            return durable().map_err(ChunkError::Durable);
+        };
+        std::thread::scope(|scope| {
+            let synced = scope.spawn(durable);
+            let staged = (|| {
+                let txn = db.begin_write().map_err(db_err)?;
+                {
+                    let mut dirs = txn.open_table(DIRS).map_err(db_err)?;
+                    for (dir, change) in changes {
+                        let mut edits = Edits::default();
+                        if let Some(delta) = drafts.remove(&dir) {
+                            edits.delta(delta);
+                        }
+                        edits.change(change);
+                        edit(&mut dirs, &dir, edits)?;
+                    }
                 }
-                edits.change(change);
-                edit(&mut dirs, &dir, edits)?;
+                Ok(txn)
+            })();
+            let synced = synced.join().expect("the replica's commit does not panic");
+            match (synced, staged) {
+                (Err(e), Ok(txn)) => {
+                    let _ = txn.abort();
+                    Err(ChunkError::Durable(e))
+                }
+                (Err(e), Err(_)) => Err(ChunkError::Durable(e)),
+                (Ok(()), Err(e)) => Err(ChunkError::Cache(e)),
+                (Ok(()), Ok(txn)) => txn.commit().map_err(|e| ChunkError::Cache(db_err(e))),
             }
-        }
-        txn.commit().map_err(db_err)
+        })
     }
 
     /// Writes drafts (see `Settled`) in one transaction.
@@ -1016,6 +1058,45 @@ mod tests {
                 (k.value().to_vec(), v.value().to_vec())
             })
             .collect()
+    }
+
+    #[test]
+    fn a_chunk_is_recorded_only_once_the_replica_is_durable() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path());
+        let dir = RelPath::from_bytes(b"d");
+        let change = |name: &str| {
+            let mut c = BTreeMap::new();
+            c.insert(
+                dir.clone(),
+                DirChange {
+                    written: vec![f(name, 1)],
+                    fixed: Vec::new(),
+                },
+            );
+            c
+        };
+        let mut drafts = HashMap::new();
+        // While the replica is being made durable, the cache does not vouch for the chunk,
+        // however long that takes (the records are prepared meanwhile, on this thread).
+        let recorded = || cache.snapshot().dir(&dir).map(|r| r.files.len());
+        cache
+            .record_chunk_after(change("a"), &mut drafts, || {
+                for _ in 0..20 {
+                    assert_eq!(recorded(), None);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Ok(())
+            })
+            .map_err(|_| "not recorded")
+            .expect("recorded");
+        assert_eq!(recorded(), Some(1));
+        // A replica that could not be made durable: nothing recorded, and the error says so.
+        let failed = cache.record_chunk_after(change("b"), &mut drafts, || {
+            Err(std::io::Error::from_raw_os_error(28))
+        });
+        assert!(matches!(failed, Err(ChunkError::Durable(e)) if e.raw_os_error() == Some(28)));
+        assert_eq!(recorded(), Some(1));
     }
 
     #[test]
