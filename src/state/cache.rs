@@ -113,47 +113,42 @@ impl Recall for Snapshot {
     fn dir_only(&self, rel: &RelPath, names: &[Vec<u8>]) -> Option<DirRecord> {
         let table = self.table.as_ref()?;
         let dir = rel.as_bytes();
-        let Some(first) = names.first() else {
+        if names.is_empty() {
             return Some(DirRecord::default());
-        };
-        // The chunk that holds (or would hold) the first name is the last key not above
-        // its: found with a range open to the left, whose left end is the table's first
-        // leaf, which is always cached, where a range from `dir\0` would also read the
-        // page of the directory's first chunk. From there one range open to the right
-        // (its right end is the table's last leaf, also always cached), read lazily: a
-        // chunk's page is read only once the names wanted so far are all behind.
-        let (lo, hi) = chunk_range(dir);
-        let at = chunk_key(dir, first);
-        let floor = match table.range::<&[u8]>(..=at.as_slice()).ok()?.next_back() {
-            Some(entry) => Some(entry.ok()?.0.value().to_vec()),
-            None => None,
-        };
-        let start = floor.filter(|k| *k >= lo).unwrap_or(lo);
+        }
+        // One lookup per chunk that holds a wanted name (`find_chunk`); the chunks between
+        // them are neither read nor decoded. Both in name order: a wanted name below a
+        // stored one is not stored, and decoding stops at the last name wanted.
         let mut want = names.iter().peekable();
         let mut files = Vec::new();
-        let mut any = false;
-        for entry in table.range::<&[u8]>(start.as_slice()..).ok()? {
-            let (key, chunk) = entry.ok()?;
-            if key.value() >= hi.as_slice() {
-                break;
-            }
-            any = true;
-            // Both in name order: a wanted name below a stored one is not stored, and
-            // decoding stops at the last name wanted.
-            for_each_ref(chunk.value(), |f| {
-                while want.next_if(|n| n.as_slice() < f.name).is_some() {}
-                if want.next_if(|n| n.as_slice() == f.name).is_some() {
-                    files.push(f.owned());
+        let mut last: Option<Vec<u8>> = None;
+        while let Some(&name) = want.peek() {
+            let read = find_chunk(table, dir, name, |key, bytes| {
+                if last.as_deref() == Some(key) {
+                    // The chunk just read: the name sorts after its last entry.
+                    return Some(false);
                 }
-                want.peek().is_some()
-            })?;
-            if want.peek().is_none() {
-                break;
+                last = Some(key.to_vec());
+                for_each_ref(bytes, |f| {
+                    while want.next_if(|n| n.as_slice() < f.name).is_some() {}
+                    if want.next_if(|n| n.as_slice() == f.name).is_some() {
+                        files.push(f.owned());
+                    }
+                    want.peek().is_some()
+                })
+                .map(|()| true)
+            })
+            .ok()?;
+            match read {
+                // No chunk at all: the directory has no record.
+                None => return None,
+                // A chunk that cannot be decoded: no record (the files are hashed again).
+                Some(None) => return None,
+                Some(Some(true)) => {}
+                Some(Some(false)) => {
+                    want.next();
+                }
             }
-        }
-        // No chunk at all: the directory has no record.
-        if !any {
-            return None;
         }
         Some(DirRecord { files })
     }
@@ -177,26 +172,31 @@ fn chunk_of(
     dir: &[u8],
     name: &[u8],
 ) -> Result<Option<Chunk>, String> {
-    // Ranges open at one end (see `Snapshot::dir_only`): their open ends are the table's
-    // first and last leaves, where a range closed at `dir\0` or `dir\1` would also read
-    // the pages of the directory's first or last chunk.
+    find_chunk(table, dir, name, |k, v| (k.to_vec(), v.to_vec()))
+}
+
+/// As `chunk_of`, through `take(key, bytes)`. The ranges are open at one end: their open
+/// ends are the table's first and last leaves, which every lookup reads (so they stay in
+/// redb's cache), where a range closed at `dir\0` or `dir\1` would also read the pages of
+/// the directory's first or last chunk.
+fn find_chunk<T>(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    dir: &[u8],
+    name: &[u8],
+    take: impl FnOnce(&[u8], &[u8]) -> T,
+) -> Result<Option<T>, String> {
     let (lo, hi) = chunk_range(dir);
     let at = chunk_key(dir, name);
-    let owned = |k: &[u8], v: &[u8]| (k.to_vec(), v.to_vec());
-    let floor = match table
+    let floor = table
         .range::<&[u8]>(..=at.as_slice())
         .map_err(db_err)?
         .next_back()
-    {
-        Some(e) => {
-            let (k, v) = e.map_err(db_err)?;
-            (k.value() >= lo.as_slice()).then(|| owned(k.value(), v.value()))
-        }
-        None => None,
-    };
+        .transpose()
+        .map_err(db_err)?
+        .filter(|(k, _)| k.value() >= lo.as_slice());
     match floor {
-        Some(f) => Ok(Some(f)),
-        None => next_chunk(table, &at, true, &hi, owned),
+        Some((k, v)) => Ok(Some(take(k.value(), v.value()))),
+        None => next_chunk(table, &at, true, &hi, take),
     }
 }
 
@@ -511,13 +511,16 @@ impl Cache {
         &self,
         changes: BTreeMap<RelPath, DirChange>,
         drafts: &mut HashMap<RelPath, Delta>,
-        durable: impl FnOnce() -> std::io::Result<()> + Send,
+        durable: impl Fn() -> std::io::Result<()> + Sync,
     ) -> Result<(), ChunkError> {
         let Some(db) = &self.db else {
             return durable().map_err(ChunkError::Durable);
         };
         std::thread::scope(|scope| {
-            let synced = scope.spawn(durable);
+            // Without a second thread (none could be made), the commit runs first, here.
+            let synced = std::thread::Builder::new()
+                .spawn_scoped(scope, &durable)
+                .map_err(|_| durable());
             let staged = (|| {
                 let txn = db.begin_write().map_err(db_err)?;
                 {
@@ -533,7 +536,10 @@ impl Cache {
                 }
                 Ok(txn)
             })();
-            let synced = synced.join().expect("the replica's commit does not panic");
+            let synced = match synced {
+                Ok(thread) => thread.join().expect("the replica's commit does not panic"),
+                Err(done) => done,
+            };
             match (synced, staged) {
                 (Err(e), Ok(txn)) => {
                     let _ = txn.abort();
@@ -1220,6 +1226,50 @@ mod tests {
                 .files,
             Vec::new()
         );
+        // Chunks between the wanted names are not read: one that cannot be decoded there
+        // changes nothing (it would turn the whole lookup into "no record").
+        let chunks = chunks_of(&cache, b"big");
+        let (head, tail) = (&chunks[1], &chunks[chunks.len() - 2]);
+        let ends = vec![
+            decode(&head.1).expect("decode")[0].name.clone(),
+            decode(&tail.1).expect("decode")[0].name.clone(),
+        ];
+        let before = cache.snapshot().dir_only(&dir, &ends).expect("stored");
+        assert_eq!(before.files.len(), 2);
+        {
+            let txn = cache.db.as_ref().expect("db").begin_write().expect("write");
+            {
+                let mut t = txn.open_table(DIRS).expect("table");
+                t.insert(chunks[4].0.as_slice(), b"\xff\xff not postcard".as_slice())
+                    .expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        assert_eq!(
+            cache
+                .snapshot()
+                .dir_only(&dir, &ends)
+                .expect("stored")
+                .files,
+            before.files
+        );
+        assert!(cache
+            .snapshot()
+            .dir_only(&dir, &[chunks[4].0[b"big".len() + 1..].to_vec()])
+            .is_none());
+        cache
+            .db
+            .as_ref()
+            .map(|db| {
+                let txn = db.begin_write().expect("write");
+                {
+                    let mut t = txn.open_table(DIRS).expect("table");
+                    t.insert(chunks[4].0.as_slice(), chunks[4].1.as_slice())
+                        .expect("insert");
+                }
+                txn.commit().expect("commit");
+            })
+            .expect("db");
         // A directory without a record (here one whose name sorts right after `big`'s).
         assert!(cache
             .snapshot()
