@@ -1236,15 +1236,15 @@ mod tests {
         ];
         let before = cache.snapshot().dir_only(&dir, &ends).expect("stored");
         assert_eq!(before.files.len(), 2);
-        {
+        let put = |key: &[u8], bytes: &[u8]| {
             let txn = cache.db.as_ref().expect("db").begin_write().expect("write");
             {
                 let mut t = txn.open_table(DIRS).expect("table");
-                t.insert(chunks[4].0.as_slice(), b"\xff\xff not postcard".as_slice())
-                    .expect("insert");
+                t.insert(key, bytes).expect("insert");
             }
             txn.commit().expect("commit");
-        }
+        };
+        put(&chunks[4].0, b"\xff\xff not postcard");
         assert_eq!(
             cache
                 .snapshot()
@@ -1257,19 +1257,7 @@ mod tests {
             .snapshot()
             .dir_only(&dir, &[chunks[4].0[b"big".len() + 1..].to_vec()])
             .is_none());
-        cache
-            .db
-            .as_ref()
-            .map(|db| {
-                let txn = db.begin_write().expect("write");
-                {
-                    let mut t = txn.open_table(DIRS).expect("table");
-                    t.insert(chunks[4].0.as_slice(), chunks[4].1.as_slice())
-                        .expect("insert");
-                }
-                txn.commit().expect("commit");
-            })
-            .expect("db");
+        put(&chunks[4].0, &chunks[4].1);
         // A directory without a record (here one whose name sorts right after `big`'s).
         assert!(cache
             .snapshot()
