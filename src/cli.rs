@@ -62,6 +62,14 @@ pub struct SyncArgs {
     /// S3 region [default: $AWS_REGION, else us-east-1].
     #[arg(long, value_name = "REGION")]
     pub s3_region: Option<String>,
+    /// A request to an object store that makes no progress for DURATION is abandoned and
+    /// retried; one request with its retries ends within 3 x DURATION.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    pub timeout: std::time::Duration,
+    /// Allow a replica that is a whole bucket (`s3://BUCKET` with no prefix): a mirror
+    /// deletes whatever else the bucket holds.
+    #[arg(long)]
+    pub allow_bucket_root: bool,
     /// Job name: names the PID, status, cache and log files in the state directory.
     #[arg(long, default_value = "default")]
     pub name: String,
@@ -159,4 +167,13 @@ pub struct StatusArgs {
     /// Print JSON (one object per job, in an array with --all).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--timeout`: a humantime duration of at least one second.
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }

@@ -210,6 +210,7 @@ impl Config {
         let endpoint = crate::replica::s3::Endpoint {
             endpoint: args.s3_endpoint.clone(),
             region: args.s3_region.clone(),
+            timeout: args.timeout,
         };
         let source_s3 = match crate::replica::s3::Target::parse(args.source.as_os_str()) {
             None => None,
@@ -227,6 +228,14 @@ impl Config {
                 return Err(Error::Usage(
                     "source and replica cannot both be s3:// addresses".into(),
                 ))
+            }
+            Some(Ok(t)) if t.prefix.is_empty() && !args.allow_bucket_root => {
+                return Err(Error::Usage(format!(
+                    "replica '{}' is a whole bucket: a mirror deletes whatever else it holds; \
+                     name a prefix (s3://{}/PREFIX) or pass --allow-bucket-root",
+                    t.url(),
+                    t.bucket
+                )))
             }
             Some(Ok(t)) => Some((t, endpoint)),
         };

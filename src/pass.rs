@@ -135,6 +135,8 @@ impl<'a> Pass<'a> {
         ));
         let trees = match self.check() {
             Ok(t) => t,
+            // SIGTERM while a root was being reached (a stalled server): not a bad root.
+            Err(_) if cancel::requested() => return self.interrupted(),
             Err(msg) => {
                 log::error!("{msg}");
                 return self.end("failed", ExitCode::Usage, Some(msg));
@@ -208,7 +210,11 @@ impl<'a> Pass<'a> {
         })?;
         // Only a replica that does not exist is planned as empty: any other error (EIO, a
         // stale NFS handle) would make every file a create and bypass --backup-dir.
-        let verb = if cfg.dry_run { "read" } else { "create" };
+        let verb = match (replica::is_remote(&cfg.replica), cfg.dry_run) {
+            (true, _) => "reach",
+            (false, true) => "read",
+            (false, false) => "create",
+        };
         let opts = replica::Options {
             create: !cfg.dry_run,
             backup: self.backup_dir(),

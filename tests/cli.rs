@@ -9,6 +9,8 @@ mod common;
 mod daemon;
 #[path = "cli/engine.rs"]
 mod engine;
+#[path = "cli/faults.rs"]
+mod faults;
 #[path = "cli/hygiene.rs"]
 mod hygiene;
 #[path = "cli/metadata.rs"]

@@ -257,6 +257,12 @@ pub struct Options {
     pub checksum: bool,
 }
 
+/// Whether `path` names a replica on another machine (reached over the network, so a
+/// failure to open it is a failure to reach it).
+pub fn is_remote(path: &Path) -> bool {
+    s3::Target::parse(path.as_os_str()).is_some()
+}
+
 /// Opens the replica at `path` (a directory, or an `s3://` address) for one pass.
 pub fn open(path: &Path, opts: Options) -> io::Result<Box<dyn Replica>> {
     if let Some(target) = s3::Target::parse(path.as_os_str()) {

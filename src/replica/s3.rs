@@ -18,13 +18,14 @@
 //! idle pass is one recursive listing: no HEAD and no GET. A key whose ETag or size is not
 //! in the index (a lost index, or someone else's write) costs one HEAD, never a download.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use opendal::Operator;
 use rayon::prelude::*;
@@ -96,10 +97,46 @@ impl Target {
 /// How to reach the object store (from `--s3-endpoint`/`AWS_ENDPOINT_URL` and
 /// `--s3-region`/`AWS_REGION`); credentials come from the standard AWS environment variables
 /// and the shared credentials file, never from the command line.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    /// `--timeout`: an attempt that makes no progress for this long is abandoned (and
+    /// retried); one request with its retries never takes longer than three times this.
+    pub timeout: Duration,
+}
+
+impl Default for Endpoint {
+    fn default() -> Endpoint {
+        Endpoint {
+            endpoint: None,
+            region: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// `--timeout`'s default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// After SIGTERM, how long a multipart writer's call in flight may take to finish, and then
+/// how long the upload's abort may take (SIGTERM must end a pass within seconds, whatever
+/// the server does).
+const GRACE: Duration = Duration::from_secs(2);
+const ABORT_BUDGET: Duration = Duration::from_secs(2);
+
+impl Endpoint {
+    /// The endpoint's URL, as errors name it.
+    fn url(&self) -> String {
+        self.endpoint
+            .clone()
+            .or_else(|| {
+                std::env::var("AWS_ENDPOINT_URL")
+                    .ok()
+                    .filter(|r| !r.is_empty())
+            })
+            .unwrap_or_else(|| "https://s3.amazonaws.com".to_string())
+    }
 }
 
 /// Escapes one name for a key (see the module's notes).
@@ -261,28 +298,121 @@ pub struct S3Replica {
     pending: Mutex<HashMap<String, Option<Known>>>,
     dirs: Mutex<BTreeMap<Vec<u8>, DirAttrs>>,
     dirs_changed: Mutex<bool>,
-    deletes: Mutex<Vec<String>>,
+    /// Deletions batched into DeleteObjects requests; see [`Deletes`].
+    deletes: Mutex<Deletes>,
     pub requests: Arc<Requests>,
     dry: bool,
     /// `--checksum`: stored hashes come from a HEAD of each object, not from the index.
     checksum: bool,
+    /// The endpoint's URL (for errors) and `--timeout`.
+    url: String,
+    timeout: Duration,
+    /// Set when a request timed out with its retries spent: the server is taken for down
+    /// for the rest of the pass, and every later request fails at once with this reason
+    /// instead of waiting out its own timeout.
+    down: OnceLock<String>,
 }
 
-fn other(e: opendal::Error) -> io::Error {
+fn other(e: &opendal::Error) -> io::Error {
     let kind = match e.kind() {
         opendal::ErrorKind::NotFound => io::ErrorKind::NotFound,
         opendal::ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,
         opendal::ErrorKind::Unsupported => io::ErrorKind::Unsupported,
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(kind, one_line(&e))
+    io::Error::new(kind, one_line(e))
+}
+
+/// The error of a request abandoned for SIGTERM. Not `ErrorKind::Interrupted`, which means
+/// "try again" to `write_all` and every other std loop.
+fn interrupted() -> io::Error {
+    io::Error::other("interrupted")
+}
+
+/// Resolves once SIGTERM/SIGINT (or `stop`) asked the pass to end.
+async fn cancelled() {
+    while !crate::cancel::requested() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether OpenDAL's timeout layer gave up on an attempt.
+fn is_timeout(e: &opendal::Error) -> bool {
+    e.message().contains("timeout reached")
+}
+
+/// An error from the server as one line a person can act on (what is wrong and where to
+/// look), with the `io::ErrorKind` that fits it. Never the request's headers.
+fn describe(e: &opendal::Error, target: &Target, url: &str) -> io::Error {
+    use io::ErrorKind as K;
+    let debug = format!("{e:?}");
+    let has = |key: &str| debug.contains(key);
+    let bucket = format!("s3://{}", target.bucket);
+    let (kind, text) = if has("SignatureDoesNotMatch") {
+        (
+            K::PermissionDenied,
+            format!(
+                "access denied to {bucket} (SignatureDoesNotMatch: check AWS_SECRET_ACCESS_KEY)"
+            ),
+        )
+    } else if has("InvalidAccessKeyId") {
+        (
+            K::PermissionDenied,
+            format!("access denied to {bucket} (InvalidAccessKeyId: check AWS_ACCESS_KEY_ID)"),
+        )
+    } else if has("NoSuchBucket") {
+        (
+            K::NotFound,
+            format!("bucket '{}' does not exist at {url}", target.bucket),
+        )
+    } else if has("no valid credential") || has("credential not found") {
+        (
+            K::PermissionDenied,
+            "no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials)"
+                .to_string(),
+        )
+    } else if has("AccessDenied") {
+        (
+            K::PermissionDenied,
+            format!("access denied to {} (AccessDenied)", target.url()),
+        )
+    } else if has("onnection refused") {
+        (
+            K::ConnectionRefused,
+            format!("could not connect to {url} (connection refused)"),
+        )
+    } else if has("dns error") {
+        (
+            K::NotFound,
+            format!("could not resolve the host of {url} (a DNS failure)"),
+        )
+    } else {
+        return other(e);
+    };
+    io::Error::new(kind, text)
+}
+
+/// The code and message of the server's own error, out of the `S3Error { code: "…",
+/// message: "…", … }` OpenDAL reports (never shown as it is: a person reads the words).
+fn s3_error(text: &str) -> Option<(&str, &str)> {
+    let field = |name: &str| {
+        let at = text.find(&format!("{name}: \""))? + name.len() + 3;
+        let len = text[at..].find('"')?;
+        Some(&text[at..at + len])
+    };
+    text.starts_with("S3Error")
+        .then(|| Some((field("code")?, field("message")?)))
+        .flatten()
 }
 
 /// An OpenDAL error on one line, without the request's headers (which could carry
 /// credentials or signatures).
 pub fn one_line(e: &opendal::Error) -> String {
-    let message = e.message().lines().next().unwrap_or("").trim().to_string();
-    let mut line = format!("{}: {message}", e.kind());
+    let first = e.message().lines().next().unwrap_or("").trim();
+    let mut line = match s3_error(first) {
+        Some((code, message)) => format!("{code}: {message}"),
+        None => format!("{}: {first}", e.kind()),
+    };
     // The innermost cause says what really happened (connection refused, a DNS failure).
     let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
     let mut last = None;
@@ -332,7 +462,7 @@ impl S3Replica {
             .build()?;
         let (op, backup) = {
             let _guard = rt.enter();
-            let op = build_operator(target, endpoint).map_err(other)?;
+            let op = build_operator(target, endpoint).map_err(|e| other(&e))?;
             let backup = match &opts.backup {
                 None => None,
                 Some(path) => {
@@ -346,7 +476,10 @@ impl S3Replica {
                         bucket: target.bucket.clone(),
                         prefix: String::new(),
                     };
-                    Some((build_operator(&whole, endpoint).map_err(other)?, b.prefix))
+                    Some((
+                        build_operator(&whole, endpoint).map_err(|e| other(&e))?,
+                        b.prefix,
+                    ))
                 }
             };
             (op, backup)
@@ -362,10 +495,13 @@ impl S3Replica {
             pending: Mutex::new(HashMap::new()),
             dirs: Mutex::new(BTreeMap::new()),
             dirs_changed: Mutex::new(false),
-            deletes: Mutex::new(Vec::new()),
+            deletes: Mutex::new(Deletes::default()),
             requests: Arc::new(Requests::default()),
             dry: !opts.create,
             checksum: opts.checksum,
+            url: endpoint.url(),
+            timeout: endpoint.timeout,
+            down: OnceLock::new(),
         };
         if let Some(path) = index {
             me.index = Some(open_index(path, &target.url())?);
@@ -378,8 +514,114 @@ impl S3Replica {
         self.op.as_ref().expect("operator")
     }
 
-    fn block<F: std::future::IntoFuture>(&self, f: F) -> F::Output {
-        self.rt.as_ref().expect("runtime").block_on(f.into_future())
+    /// Runs one request (with the retry layer's attempts) to its end, bounded and
+    /// cancellable: it fails with `TimedOut` after three times `--timeout` in all (each
+    /// attempt is bounded by the timeout layer too), and with `Interrupted` within 50 ms of
+    /// SIGTERM/SIGINT or `stop`. Either way the request's future is dropped, which cancels
+    /// it on the wire. Once a request has timed out, the server is down for this pass: later
+    /// requests fail at once. The outer `Result` is syncer's verdict; the inner one the
+    /// server's answer.
+    fn attempt<T>(
+        &self,
+        f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
+    ) -> io::Result<opendal::Result<T>> {
+        if let Some(why) = self.down.get() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, why.clone()));
+        }
+        if crate::cancel::requested() {
+            return Err(interrupted());
+        }
+        let budget = self.timeout.saturating_mul(3);
+        let rt = self.rt.as_ref().expect("runtime");
+        let outcome = rt.block_on(async {
+            tokio::select! {
+                r = tokio::time::timeout(budget, f.into_future()) => Some(r),
+                () = cancelled() => None,
+            }
+        });
+        match outcome {
+            None => Err(interrupted()),
+            Some(Err(_)) => Err(self.went_down()),
+            Some(Ok(Err(e))) if is_timeout(&e) => Err(self.went_down()),
+            Some(Ok(r)) => Ok(r),
+        }
+    }
+
+    /// [`attempt`](Self::attempt) for a call on a multipart writer. A writer whose call was
+    /// dropped half-way cannot be aborted any more (the retry layer refuses it), so after
+    /// SIGTERM the call in flight gets [`GRACE`] to finish; `usable` is cleared when it
+    /// did not (the upload is then left to the server's own expiry).
+    fn attempt_writer<T>(
+        &self,
+        f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
+        usable: &mut bool,
+    ) -> io::Result<T> {
+        if let Some(why) = self.down.get() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, why.clone()));
+        }
+        if crate::cancel::requested() {
+            return Err(interrupted());
+        }
+        let budget = self.timeout.saturating_mul(3);
+        let rt = self.rt.as_ref().expect("runtime");
+        let (outcome, settled) = rt.block_on(async {
+            let call = tokio::time::timeout(budget, f.into_future());
+            tokio::pin!(call);
+            tokio::select! {
+                r = &mut call => (Some(r), true),
+                () = cancelled() => {
+                    (None, tokio::time::timeout(GRACE, &mut call).await.is_ok())
+                }
+            }
+        });
+        *usable &= settled && !matches!(outcome, Some(Err(_)));
+        match outcome {
+            None => Err(interrupted()),
+            Some(Err(_)) => Err(self.went_down()),
+            Some(Ok(Err(e))) if is_timeout(&e) => Err(self.went_down()),
+            Some(Ok(r)) => r.map_err(|e| self.describe(&e)),
+        }
+    }
+
+    /// [`attempt`](Self::attempt), with the server's error as an `io::Error` in words.
+    fn call<T>(
+        &self,
+        f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
+    ) -> io::Result<T> {
+        self.attempt(f)?.map_err(|e| self.describe(&e))
+    }
+
+    /// Runs a clean-up request (the abort of a failed upload) that must happen even after
+    /// SIGTERM, bounded by [`ABORT_BUDGET`].
+    fn clean_up<T>(&self, f: impl std::future::IntoFuture<Output = opendal::Result<T>>) {
+        if self.down.get().is_some() {
+            return;
+        }
+        let rt = self.rt.as_ref().expect("runtime");
+        let budget = ABORT_BUDGET.min(self.timeout);
+        let done = rt.block_on(async { tokio::time::timeout(budget, f.into_future()).await });
+        if let Ok(Err(e)) = done {
+            log::debug!("clean-up request failed: {}", one_line(&e));
+        }
+    }
+
+    fn went_down(&self) -> io::Error {
+        let why = self
+            .down
+            .get_or_init(|| {
+                format!(
+                    "{} timed out after {}",
+                    self.url,
+                    humantime::format_duration(self.timeout)
+                )
+            })
+            .clone();
+        io::Error::new(io::ErrorKind::TimedOut, why)
+    }
+
+    /// An error from the server, in words that say what to do about it.
+    fn describe(&self, e: &opendal::Error) -> io::Error {
+        describe(e, &self.target, &self.url)
     }
 
     /// The key of `rel` (relative to the prefix, which is the operator's root).
@@ -406,9 +648,7 @@ impl S3Replica {
 
     fn list_all(&mut self) -> io::Result<()> {
         self.requests.list.fetch_add(1, Ordering::Relaxed);
-        let entries = self
-            .block(self.op().list_with("").recursive(true))
-            .map_err(other)?;
+        let entries = self.call(self.op().list_with("").recursive(true))?;
         let mut tree: BTreeMap<RelPath, BTreeMap<Vec<u8>, Listed>> = BTreeMap::new();
         let mut dirs_etag = None;
         let mut any = false;
@@ -472,7 +712,7 @@ impl S3Replica {
                 Some(k) if k.etag == etag => self.index_dirs(),
                 _ => {
                     self.requests.get.fetch_add(1, Ordering::Relaxed);
-                    let buf = self.block(self.op().read(DIRS_OBJECT)).map_err(other)?;
+                    let buf = self.call(self.op().read(DIRS_OBJECT))?;
                     let parsed: Vec<(String, DirAttrs)> =
                         serde_json::from_slice(&buf.to_vec()).unwrap_or_default();
                     let map: BTreeMap<Vec<u8>, DirAttrs> = parsed
@@ -566,7 +806,7 @@ impl S3Replica {
 
     fn head(&self, key: &str, kind: Kind) -> io::Result<Known> {
         self.requests.head.fetch_add(1, Ordering::Relaxed);
-        let md = self.block(self.op().stat(key)).map_err(other)?;
+        let md = self.call(self.op().stat(key))?;
         let user = md.user_metadata();
         let get = |k: &str| user.as_ref().and_then(|u| u.get(k)).map(str::to_string);
         let mut known = Known {
@@ -583,7 +823,7 @@ impl S3Replica {
         };
         if kind == Kind::Symlink {
             self.requests.get.fetch_add(1, Ordering::Relaxed);
-            let buf = self.block(self.op().read(key)).map_err(other)?;
+            let buf = self.call(self.op().read(key))?;
             known.link = Some(buf.to_vec());
         }
         Ok(known)
@@ -629,13 +869,12 @@ impl S3Replica {
     ) -> io::Result<String> {
         self.requests.put.fetch_add(1, Ordering::Relaxed);
         self.forget_delete(key);
-        let md = self
-            .block(
-                self.op()
-                    .write_with(key, body)
-                    .user_metadata(Self::user_meta(meta, hash)),
-            )
-            .map_err(other)?;
+        self.free_name(key)?;
+        let md = self.call(
+            self.op()
+                .write_with(key, body)
+                .user_metadata(Self::user_meta(meta, hash)),
+        )?;
         self.etag_after(key, md)
     }
 
@@ -645,33 +884,49 @@ impl S3Replica {
             Some(e) if !e.is_empty() => Ok(e.trim_matches('"').to_string()),
             _ => {
                 self.requests.head.fetch_add(1, Ordering::Relaxed);
-                let md = self.block(self.op().stat(key)).map_err(other)?;
+                let md = self.call(self.op().stat(key))?;
                 Ok(md.etag().unwrap_or("").trim_matches('"').to_string())
             }
         }
     }
 
     fn forget_delete(&self, key: &str) {
-        self.deletes.lock().expect("deletes").retain(|k| k != key);
+        self.deletes.lock().expect("deletes").forget(key);
     }
 
+    /// Sends the pending deletions that hold a name `key` is about to take (see
+    /// [`Deletes::holds`]) before anything is created there.
+    fn free_name(&self, key: &str) -> io::Result<()> {
+        let held = self.deletes.lock().expect("deletes").holds(key);
+        if held {
+            self.flush_deletes(true)?;
+        }
+        Ok(())
+    }
+
+    /// Sends pending deletions: every one with `all`, else only full batches. The lock is
+    /// held while a batch is on the wire, so no thread sees a name as free before the server
+    /// has freed it.
     fn flush_deletes(&self, all: bool) -> io::Result<()> {
-        loop {
-            let batch: Vec<String> = {
-                let mut d = self.deletes.lock().expect("deletes");
-                if d.is_empty() || (!all && d.len() < DELETE_BATCH) {
-                    return Ok(());
-                }
-                let n = d.len().min(DELETE_BATCH);
-                d.drain(..n).collect()
-            };
+        let mut d = self.deletes.lock().expect("deletes");
+        while !d.keys.is_empty() && (all || d.keys.len() >= DELETE_BATCH) {
+            let n = d.keys.len().min(DELETE_BATCH);
+            let batch: Vec<String> = d.keys.drain(..n).collect();
             self.requests.delete.fetch_add(1, Ordering::Relaxed);
-            self.block(self.op().delete_iter(batch.clone()))
-                .map_err(other)?;
+            if let Err(e) = self.call(self.op().delete_iter(batch.clone())) {
+                // Not deleted: still pending (and still holding their names).
+                d.keys.splice(0..0, batch);
+                return Err(e);
+            }
             for k in batch {
                 self.index_put(&k, None);
             }
         }
+        if d.keys.is_empty() {
+            d.names.clear();
+            d.above.clear();
+        }
+        Ok(())
     }
 
     fn version(etag: &str, size: u64) -> Version {
@@ -821,15 +1076,24 @@ fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Opera
         b = b.enable_virtual_host_style();
     }
     opendal::install_default();
-    let op = Operator::new(b)?.layer(
-        // Throttling (503 SlowDown), 5xx and cut connections: 5 retries, backing off
-        // exponentially from 250 ms (with jitter), about 8 s in all.
-        opendal::layers::RetryLayer::new()
-            .with_max_times(5)
-            .with_min_delay(std::time::Duration::from_millis(250))
-            .with_max_delay(std::time::Duration::from_secs(8))
-            .with_jitter(),
-    );
+    let op = Operator::new(b)?
+        // Each attempt is bounded: `--timeout` for a request, and for every read or write
+        // of a body that stops making progress. Inside the retry layer, so a stalled
+        // attempt is retried like a cut connection (`S3Replica::attempt` bounds the whole).
+        .layer(
+            opendal::layers::TimeoutLayer::new()
+                .with_timeout(endpoint.timeout)
+                .with_io_timeout(endpoint.timeout),
+        )
+        // Throttling (503 SlowDown), 5xx, cut connections and stalled attempts: 5 retries,
+        // backing off exponentially from 250 ms (with jitter), about 8 s in all.
+        .layer(
+            opendal::layers::RetryLayer::new()
+                .with_max_times(5)
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(8))
+                .with_jitter(),
+        );
     Ok(op)
 }
 
@@ -855,15 +1119,84 @@ fn open_index(path: &Path, url: &str) -> io::Result<redb::Database> {
     Ok(db)
 }
 
+/// Deletions waiting to be batched (DeleteObjects takes 1,000 keys), and the names they
+/// still hold. A server that keeps a filesystem namespace (SeaweedFS, MinIO) refuses an
+/// object `a` beside a prefix `a/` (`ExistingObjectIsFile`), so a deletion that frees a name
+/// must reach the server before anything is created under that name: a file replaced by a
+/// directory, a directory by a file. Every other deletion waits for its batch.
+#[derive(Default)]
+struct Deletes {
+    keys: Vec<String>,
+    /// Each pending key without its trailing `/` (how many pending keys have that name).
+    names: HashMap<String, usize>,
+    /// Every directory above a pending key (never decremented: a stale entry costs at most
+    /// one early batch).
+    above: HashSet<String>,
+}
+
+impl Deletes {
+    fn add(&mut self, keys: Vec<String>) {
+        for k in &keys {
+            let name = k.trim_end_matches('/');
+            *self.names.entry(name.to_string()).or_default() += 1;
+            let mut at = name;
+            while let Some(i) = at.rfind('/') {
+                at = &at[..i];
+                if !self.above.insert(at.to_string()) {
+                    break;
+                }
+            }
+        }
+        self.keys.extend(keys);
+    }
+
+    /// `key` is written again: its deletion is dropped (a PUT replaces it anyway).
+    fn forget(&mut self, key: &str) {
+        let before = self.keys.len();
+        self.keys.retain(|k| k != key);
+        if self.keys.len() < before {
+            let name = key.trim_end_matches('/');
+            if let Some(n) = self.names.get_mut(name) {
+                *n -= (before - self.keys.len()).min(*n);
+                if *n == 0 {
+                    self.names.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Whether creating `key` needs a pending deletion sent first: one of the same name (a
+    /// file where a directory marker was, or the reverse), one of a directory above it (a
+    /// file `a` pending while `a/b` is written), or, for an object, one below its name (a
+    /// directory's objects pending while a file takes its name).
+    fn holds(&self, key: &str) -> bool {
+        let name = key.trim_end_matches('/');
+        if self.names.contains_key(name) || (!key.ends_with('/') && self.above.contains(name)) {
+            return true;
+        }
+        let mut at = name;
+        while let Some(i) = at.rfind('/') {
+            at = &at[..i];
+            if self.names.contains_key(at) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// A `Write` into an OpenDAL multipart writer (bytes are copied into owned buffers).
 struct Upload<'a> {
     rep: &'a S3Replica,
     w: opendal::Writer,
+    /// The writer can still be aborted (see `S3Replica::attempt_writer`).
+    usable: bool,
 }
 
 impl Write for Upload<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.rep.block(self.w.write(buf.to_vec())).map_err(other)?;
+        self.rep
+            .attempt_writer(self.w.write(buf.to_vec()), &mut self.usable)?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -955,7 +1288,7 @@ impl Replica for S3Replica {
     fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>> {
         let key = self.key(rel, Kind::File);
         self.requests.get.fetch_add(1, Ordering::Relaxed);
-        let buf = self.block(self.op().read(&key)).map_err(other)?;
+        let buf = self.call(self.op().read(&key))?;
         Ok(Box::new(io::Cursor::new(buf.to_vec())))
     }
 
@@ -1055,7 +1388,8 @@ impl Replica for S3Replica {
         let key = self.key(rel, Kind::Dir);
         self.requests.put.fetch_add(1, Ordering::Relaxed);
         self.forget_delete(&key);
-        self.block(self.op().create_dir(&key)).map_err(other)?;
+        self.free_name(&key)?;
+        self.call(self.op().create_dir(&key))?;
         *self.exists.lock().expect("exists") = true;
         Ok(())
     }
@@ -1124,7 +1458,7 @@ impl Replica for S3Replica {
             Some(l) => l.key.clone(),
             None => self.key(rel, kind),
         });
-        self.deletes.lock().expect("deletes").extend(keys);
+        self.deletes.lock().expect("deletes").add(keys);
         self.flush_deletes(false)
     }
 
@@ -1157,13 +1491,13 @@ impl Replica for S3Replica {
             .try_for_each(|k| -> io::Result<()> {
                 let to = format!("{prefix}/{k}");
                 self.requests.head.fetch_add(1, Ordering::Relaxed);
-                match self.block(whole.stat(&to)) {
+                match self.attempt(whole.stat(&to))? {
                     Ok(_) => return Ok(()),
                     Err(e) if e.kind() == opendal::ErrorKind::NotFound => {}
-                    Err(e) => return Err(other(e)),
+                    Err(e) => return Err(self.describe(&e)),
                 }
                 self.requests.put.fetch_add(1, Ordering::Relaxed);
-                self.block(whole.copy(&here(k), &to)).map_err(other)?;
+                self.call(whole.copy(&here(k), &to))?;
                 Ok(())
             })?;
         if !keep {
@@ -1182,9 +1516,7 @@ impl Replica for S3Replica {
             let map = self.dirs.lock().expect("dirs").clone();
             let json = dirs_json(&map);
             self.requests.put.fetch_add(1, Ordering::Relaxed);
-            let md = self
-                .block(self.op().write(DIRS_OBJECT, json.clone().into_bytes()))
-                .map_err(other)?;
+            let md = self.call(self.op().write(DIRS_OBJECT, json.clone().into_bytes()))?;
             let etag = self.etag_after(DIRS_OBJECT, md)?;
             self.index_put(DIRS_OBJECT, Some(Known::plain(etag, json.len() as u64)));
             self.save_index_dirs(&map);
@@ -1234,7 +1566,8 @@ impl S3Replica {
     }
 
     /// A multipart upload of `content`, whose sha256 must come out as `hash`; on any
-    /// failure the upload is aborted, so the key keeps what it had.
+    /// failure (a timeout, a reset connection, SIGTERM) the upload is aborted, so the key
+    /// keeps what it had and no parts are left to be billed.
     fn upload(
         &self,
         key: &str,
@@ -1244,30 +1577,43 @@ impl S3Replica {
     ) -> Result<String, CopyError> {
         self.forget_delete(key);
         self.requests.put.fetch_add(1, Ordering::Relaxed);
+        self.free_name(key).map_err(CopyError::Replica)?;
         let w = self
-            .block(
+            .call(
                 self.op()
                     .writer_with(key)
                     .chunk(PART)
                     .concurrent(PARTS_IN_FLIGHT)
                     .user_metadata(Self::user_meta(meta, Some(&hash))),
             )
-            .map_err(|e| CopyError::Replica(other(e)))?;
-        let mut up = Upload { rep: self, w };
+            .map_err(CopyError::Replica)?;
+        let mut up = Upload {
+            rep: self,
+            w,
+            usable: true,
+        };
         let finished = content
             .write_into(Sink::Stream(&mut up))
             .and_then(|_| content.finish());
-        match finished {
-            Ok(h) if h == hash => {}
-            wrong => {
-                let _ = self.block(up.w.abort());
-                return Err(wrong.err().unwrap_or(CopyError::Changed));
+        let closed = match finished {
+            Ok(h) if h == hash => self
+                .attempt_writer(up.w.close(), &mut up.usable)
+                .map_err(CopyError::Replica),
+            wrong => Err(wrong.err().unwrap_or(CopyError::Changed)),
+        };
+        match closed {
+            Ok(md) => self.etag_after(key, md).map_err(CopyError::Replica),
+            Err(e) => {
+                if up.usable {
+                    self.clean_up(up.w.abort());
+                } else {
+                    log::warn!(
+                        "the upload of '{key}' could not be aborted; the server keeps its parts until it expires them"
+                    );
+                }
+                Err(e)
             }
         }
-        let md = self
-            .block(up.w.close())
-            .map_err(|e| CopyError::Replica(other(e)))?;
-        self.etag_after(key, md).map_err(CopyError::Replica)
     }
 
     fn record(&self, key: &str, etag: &str, meta: &Meta, hash: Hash, link: Option<Vec<u8>>) {
@@ -1453,12 +1799,12 @@ impl Content for Object<'_> {
             if !self.etag.is_empty() {
                 read = read.if_match(&format!("\"{}\"", self.etag));
             }
-            let buf = match self.rep.block(read) {
+            let buf = match self.rep.attempt(read).map_err(CopyError::Source)? {
                 Ok(b) => b,
                 Err(e) if e.kind() == opendal::ErrorKind::ConditionNotMatch => {
                     return Err(CopyError::Changed)
                 }
-                Err(e) => return Err(CopyError::Source(other(e))),
+                Err(e) => return Err(CopyError::Source(self.rep.describe(&e))),
             };
             if buf.is_empty() {
                 return Err(CopyError::Changed);
@@ -1528,6 +1874,48 @@ mod tests {
         }
         assert_eq!(escape(b"x.rclonelink", Kind::File, false), "x%2Erclonelink");
         assert_eq!(escape(b"a%b", Kind::File, false), "a%25b");
+    }
+
+    #[test]
+    fn a_server_error_reads_as_its_code_and_message() {
+        let text = r#"S3Error { code: "ExistingObjectIsFile", message: "Existing Object is a file.", resource: "/m/k/", request_id: "18E" }"#;
+        assert_eq!(
+            s3_error(text),
+            Some(("ExistingObjectIsFile", "Existing Object is a file."))
+        );
+        assert_eq!(s3_error("connection closed"), None);
+    }
+
+    #[test]
+    fn a_pending_deletion_holds_its_name_and_the_names_around_it() {
+        let mut d = Deletes::default();
+        d.add(vec![
+            "f".into(),
+            "dir/".into(),
+            "dir/x".into(),
+            "keep/gone".into(),
+        ]);
+        assert!(d.holds("f/"), "a file becomes a directory");
+        assert!(d.holds("f/g"), "something below a file that is going");
+        assert!(d.holds("dir"), "a directory becomes a file");
+        assert!(d.holds("dir/"), "a directory made again");
+        assert!(
+            !d.holds("keep/new"),
+            "a new file beside a deleted one waits for the batch"
+        );
+        assert!(
+            !d.holds("f.rclonelink"),
+            "a link beside nothing of its name"
+        );
+        let mut only_below = Deletes::default();
+        only_below.add(vec!["d/a".into()]);
+        assert!(only_below.holds("d"), "objects below a name a file takes");
+        assert!(!only_below.holds("d/"), "the directory itself stays");
+        d.forget("f");
+        assert!(
+            !d.holds("f/"),
+            "written again: no deletion of it is pending"
+        );
     }
 
     #[test]
