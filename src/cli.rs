@@ -22,7 +22,7 @@ pub enum Command {
     /// Start a daemon that runs a pass at once and then every interval.
     Start(StartArgs),
     /// Stop a running daemon.
-    Stop(JobArgs),
+    Stop(StopArgs),
     /// Show the state of a job.
     Status(StatusArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
@@ -158,6 +158,20 @@ pub struct JobArgs {
     /// State directory [default: $XDG_STATE_HOME/syncer or ~/.local/state/syncer].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// If the daemon has not exited when the wait is over, kill it (SIGKILL) and remove its
+    /// PID file. A pass killed this way leaves temp files (removed by the next pass) and, on
+    /// an object store, possibly an unfinished multipart upload.
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for the daemon to exit after SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+    pub wait: std::time::Duration,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -52,6 +52,25 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
     Pass::new(cfg, cache).run(progress)
 }
 
+/// What `start` checks before it forks, so that a job that cannot run fails on the caller's
+/// terminal (exit 2) instead of in every pass of a daemon: everything a pass checks first
+/// (the source readable, the replica creatable or reachable, the backup directory), and that
+/// the replica can be written (one transient entry made and removed). Reads and writes no
+/// state file.
+pub fn preflight(cfg: &Config) -> Result<(), String> {
+    let cache = Cache::disabled();
+    let mut pass = Pass::new(cfg, &cache);
+    pass.probing = true;
+    let trees = pass.check()?;
+    trees.replica.probe().map_err(|e| {
+        format!(
+            "could not write into replica '{}': {}",
+            show(&cfg.replica),
+            reason(&e)
+        )
+    })
+}
+
 /// Watch mode's view of a pass: the watcher (every listed source directory is watched
 /// first) and, for a partial pass, the dirty set and the size of the whole replica (so the
 /// deletion guard judges the whole replica, not the part walked).
@@ -99,6 +118,8 @@ struct Pass<'a> {
     /// A partial pass: replica entries at the last full pass.
     whole_replica: u64,
     replica_entries: u64,
+    /// `start`'s preflight: no state file is opened (an object store's index stays shut).
+    probing: bool,
 }
 
 impl<'a> Pass<'a> {
@@ -122,6 +143,7 @@ impl<'a> Pass<'a> {
             scope: None,
             whole_replica: 0,
             replica_entries: 0,
+            probing: false,
         }
     }
 
@@ -175,10 +197,12 @@ impl<'a> Pass<'a> {
     fn check(&mut self) -> Result<Trees, String> {
         let cfg = self.cfg;
         cfg.recheck_roots().map_err(|e| e.to_string())?;
+        let index =
+            (!self.probing).then(|| cfg.state_dir.join(format!("{}.s3index.redb", cfg.name)));
         let source: Box<dyn SourceTree> = match &cfg.source_s3 {
             Some((target, endpoint)) => {
                 let opts = replica::Options {
-                    index: Some(cfg.state_dir.join(format!("{}.s3index.redb", cfg.name))),
+                    index: index.clone(),
                     ..replica::Options::default()
                 };
                 let s3 = S3Replica::open(target, endpoint, &opts, opts.index.as_deref()).map_err(
@@ -222,7 +246,7 @@ impl<'a> Pass<'a> {
             one_file_system: cfg.one_file_system,
             hard_links: cfg.hard_links,
             endpoint: cfg.s3.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
-            index: Some(cfg.state_dir.join(format!("{}.s3index.redb", cfg.name))),
+            index,
             checksum: cfg.checksum,
         };
         let replica = replica::open(&cfg.replica, opts).map_err(|e| {

@@ -44,6 +44,11 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
             crate::model::show(&cfg.replica)
         )));
     }
+    // Everything a pass checks first, and that the replica and the state directory can be
+    // written: a job that cannot run fails here, on the caller's terminal, not in a daemon.
+    tempfile::NamedTempFile::new_in(&cfg.state_dir)
+        .map_err(|e| Error::io("write into the state directory", &cfg.state_dir, e))?;
+    crate::pass::preflight(&cfg).map_err(Error::Usage)?;
     if args.foreground {
         return Ok(daemon::run(&cfg, "", true));
     }

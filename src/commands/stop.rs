@@ -1,21 +1,24 @@
-//! `syncer stop`: SIGTERM to the job's daemon, then wait (bounded) for it to exit.
+//! `syncer stop`: SIGTERM to the job's daemon, then wait (bounded) for it to exit. A daemon
+//! that did not exit in time is reported with what it is waiting on (it writes that into
+//! `<name>.stopping` once signalled); with `--force` it is then killed.
 
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::cli::JobArgs;
+use crate::cli::StopArgs;
 use crate::config;
 use crate::daemon;
 use crate::error::{ExitCode, Result};
 use crate::state::{self, lock};
 use crate::term;
 
-/// How long `stop` waits for a daemon to exit after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `stop --force` waits for a killed daemon to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn run(args: &JobArgs) -> Result<ExitCode> {
+pub fn run(stop: &StopArgs) -> Result<ExitCode> {
+    let args = &stop.job;
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let dir = config::state_dir(args.state_dir.as_deref(), &cwd);
     let names = if args.all {
@@ -49,13 +52,41 @@ pub fn run(args: &JobArgs) -> Result<ExitCode> {
             continue;
         }
         let t0 = Instant::now();
-        while lock::holder(&pid_path).is_some() && t0.elapsed() < STOP_TIMEOUT {
+        while lock::holder(&pid_path).is_some() && t0.elapsed() < stop.wait {
             std::thread::sleep(Duration::from_millis(20));
         }
         if lock::holder(&pid_path).is_some() {
+            let stuck = std::fs::read_to_string(state::file(&dir, &name, "stopping"))
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "unknown".into());
+            if stop.force {
+                term::err(format_args!(
+                    "job '{name}' (pid {pid}) did not stop within {}s (waiting for: {stuck}); killing it",
+                    stop.wait.as_secs()
+                ));
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                // The kernel releases the PID file's lock when the process is gone.
+                let t1 = Instant::now();
+                while lock::holder(&pid_path).is_some() && t1.elapsed() < KILL_TIMEOUT {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if lock::holder(&pid_path).is_some() {
+                    term::err(format_args!("job '{name}' (pid {pid}) survived SIGKILL"));
+                    code = ExitCode::Partial;
+                    continue;
+                }
+                for suffix in ["pid", "start", "stopping"] {
+                    let _ = std::fs::remove_file(state::file(&dir, &name, suffix));
+                }
+                let _ = term::out(format_args!("killed job '{name}' (pid {pid})"));
+                continue;
+            }
             term::err(format_args!(
-                "job '{name}' (pid {pid}) did not stop within {}s",
-                STOP_TIMEOUT.as_secs()
+                "job '{name}' (pid {pid}) did not stop within {}s; it is waiting for: {stuck}; \
+                 'syncer stop --force --name {name}' kills it",
+                stop.wait.as_secs()
             ));
             code = ExitCode::Partial;
         } else {

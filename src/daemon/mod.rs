@@ -206,6 +206,7 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
             Err(e) => return usage(&format!("could not watch '{}': {e}", show(&cfg.source))),
         },
     };
+    report_when_stopping(state::file(&cfg.state_dir, &cfg.name, "stopping"));
     let progress = foreground && job::wants_progress(cfg);
     let mut next = Instant::now();
     // Replica entries at the last full pass: the guard of a partial pass judges them all.
@@ -326,7 +327,38 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     drop(cache);
     drop(_replica_lock);
     let _ = fs::remove_file(&start_path);
+    let _ = fs::remove_file(state::file(&cfg.state_dir, &cfg.name, "stopping"));
     let _ = fs::remove_file(&pid_path);
     drop(pidfile);
     ExitCode::Ok
+}
+
+/// Once SIGTERM/SIGINT has asked the daemon to stop, writes what it is still waiting on
+/// into `path` (`<name>.stopping`) every second until it exits, for a `stop` that waited in
+/// vain to report. A thread of its own (the one it reports on may be stuck), asleep on
+/// signal-hook's pipe until the signal comes: an idle daemon wakes no more for it.
+fn report_when_stopping(path: std::path::PathBuf) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("could not watch for a slow stop: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("stopping".into())
+        .spawn(move || {
+            if signals.forever().next().is_none() {
+                return;
+            }
+            loop {
+                let what = cancel::current().unwrap_or_else(|| "finishing the pass".into());
+                let _ = fs::write(&path, format!("{what}\n"));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("could not start the thread that reports a slow stop: {e}");
+    }
 }

@@ -512,6 +512,10 @@ impl Replica for Fake {
         Ok(())
     }
 
+    fn probe(&self) -> io::Result<()> {
+        Ok(())
+    }
+
     fn commit(&self) -> io::Result<()> {
         self.call("commit", &RelPath::root());
         Ok(())

@@ -554,6 +554,21 @@ impl Replica for LocalReplica {
         Ok(self.anchor()?.xattrs(rel, kind)?.settable(self.root))
     }
 
+    /// A temp file made and removed in the root, as an install makes one.
+    fn probe(&self) -> io::Result<()> {
+        let anchor = self.anchor()?;
+        let name = temp_name();
+        let fd = rustix::fs::openat(
+            anchor.root_fd(),
+            name.as_os_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        drop(fd);
+        rustix::fs::unlinkat(anchor.root_fd(), name.as_os_str(), AtFlags::empty())?;
+        Ok(())
+    }
+
     fn install_file(
         &self,
         rel: &RelPath,

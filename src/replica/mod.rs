@@ -214,6 +214,10 @@ pub trait Replica: Send + Sync {
     /// existing backup.
     fn backup(&self, rel: &RelPath, keep: bool) -> io::Result<()>;
 
+    /// Checks that this process can write into the replica, as `start` must before it
+    /// forks: creates one transient entry and removes it.
+    fn probe(&self) -> io::Result<()>;
+
     /// Makes everything written so far durable.
     fn commit(&self) -> io::Result<()>;
 

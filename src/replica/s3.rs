@@ -533,6 +533,7 @@ impl S3Replica {
         }
         let budget = self.timeout.saturating_mul(3);
         let rt = self.rt.as_ref().expect("runtime");
+        let _doing = crate::cancel::doing(format!("a request to {}", self.url));
         let outcome = rt.block_on(async {
             tokio::select! {
                 r = tokio::time::timeout(budget, f.into_future()) => Some(r),
@@ -564,6 +565,7 @@ impl S3Replica {
         }
         let budget = self.timeout.saturating_mul(3);
         let rt = self.rt.as_ref().expect("runtime");
+        let _doing = crate::cancel::doing(format!("an upload to {}", self.url));
         let (outcome, settled) = rt.block_on(async {
             let call = tokio::time::timeout(budget, f.into_future());
             tokio::pin!(call);
@@ -1504,6 +1506,16 @@ impl Replica for S3Replica {
             self.remove(rel, l.kind)?;
         }
         Ok(())
+    }
+
+    /// The listing made at open proved the bucket exists and may be listed; one small
+    /// object written under the prefix and deleted proves the credentials may write there.
+    fn probe(&self) -> io::Result<()> {
+        let key = format!(".syncer-probe-{}", std::process::id());
+        self.requests.put.fetch_add(1, Ordering::Relaxed);
+        self.call(self.op().write(&key, b"probe".to_vec()))?;
+        self.requests.delete.fetch_add(1, Ordering::Relaxed);
+        self.call(self.op().delete(&key))
     }
 
     fn commit(&self) -> io::Result<()> {

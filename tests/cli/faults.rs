@@ -492,3 +492,124 @@ fn kind_changes_free_the_name_first_and_restore_exactly() {
     assert_rsync_agrees(src, &again);
     assert!(!Path::new(&again).join("big-dir/f000").exists());
 }
+
+/// No syncer process runs with `state` as its state directory.
+fn no_daemon_of(state: &Path) -> bool {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("--state-dir {}", state.display())])
+        .output()
+        .expect("pgrep");
+    out.stdout.is_empty()
+}
+
+fn assert_start_refused(out: &std::process::Output, env: &Env, says: &str) {
+    assert_eq!(code(out), 2, "{}", text(out));
+    let err = stderr(out);
+    assert!(err.contains(says), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        !env.state.join("default.pid").exists(),
+        "a PID file was left"
+    );
+    assert!(no_daemon_of(&env.state), "a daemon was left running");
+}
+
+#[test]
+fn start_checks_the_replica_before_it_forks_and_leaves_no_daemon() {
+    // A replica on a read-only filesystem.
+    let env = Env::new();
+    write(&env.src.join("f"), b"f");
+    let _ro = Mount::with(&env.rep, &["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"]);
+    let mut start = env.command("start");
+    start.args(["--interval", "1h"]);
+    let out = run_bounded(start, Duration::from_secs(30));
+    assert_start_refused(&out, &env, "read-only file system");
+    assert!(
+        stderr(&out).contains(&format!("'{}'", env.rep.display())),
+        "{}",
+        text(&out)
+    );
+
+    let Some(s) = server() else { return };
+    // A bucket that does not exist.
+    let env = Env::new();
+    write(&env.src.join("f"), b"f");
+    let start = s3_command(&s.endpoint, "start", &env, "x");
+    let args: Vec<_> = start.get_args().map(|a| a.to_owned()).collect();
+    let mut start = syncer();
+    crate::s3::aws_env(&mut start);
+    for a in args {
+        start.arg(if a == "s3://mirror/x" {
+            "s3://no-such-bucket/x".into()
+        } else {
+            a
+        });
+    }
+    start.args(["--interval", "1h"]);
+    let out = run_bounded(start, Duration::from_secs(60));
+    assert_start_refused(&out, &env, "bucket 'no-such-bucket' does not exist");
+
+    // A wrong secret.
+    let mut start = s3_command(&s.endpoint, "start", &env, "wrong-secret");
+    start
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .args(["--interval", "1h"]);
+    let out = run_bounded(start, Duration::from_secs(60));
+    assert_start_refused(&out, &env, "SignatureDoesNotMatch");
+    assert!(keys(s, "wrong-secret").is_empty());
+}
+
+#[test]
+fn stop_says_when_a_daemon_did_not_stop_and_force_kills_it() {
+    let env = Env::new();
+    write(&env.src.join("f"), b"f");
+    let mut start = env.command("start");
+    start.args(["--interval", "1h"]);
+    let out = run_bounded(start, Duration::from_secs(30));
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let pid: i32 = std::fs::read_to_string(env.state.join("default.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let _kill_anyway = Defer(Box::new(move || {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }));
+    assert!(
+        wait_for(Duration::from_secs(30), || env
+            .schedule_log()
+            .contains("PASS END ok")),
+        "{}",
+        env.schedule_log()
+    );
+    // A daemon that cannot act on SIGTERM.
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP");
+    let stop = |extra: &[&str]| {
+        let mut c = syncer();
+        c.arg("stop").arg("--state-dir").arg(&env.state).args(extra);
+        run_bounded(c, Duration::from_secs(20))
+    };
+    let out = stop(&["--wait", "1s"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("did not stop within 1s") && stderr(&out).contains("stop --force"),
+        "{}",
+        text(&out)
+    );
+    let out = stop(&["--wait", "1s", "--force"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        text(&out).contains("killed job 'default'"),
+        "{}",
+        text(&out)
+    );
+    assert!(!env.state.join("default.pid").exists());
+    // Gone, or a zombie waiting for whoever reaps orphans here.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let running = state
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    assert!(!running, "the daemon still runs: {state}");
+    // Its replica lock went with it.
+    env.mirror_ok(&[]);
+}
