@@ -286,7 +286,10 @@ pub struct S3Replica {
     /// Dropped before the runtime (see `Drop`).
     op: Option<Operator>,
     /// With `--backup-dir`: an operator on the whole bucket, and this pass's backup prefix.
-    backup: Option<(Operator, String)>,
+    backup: Option<String>,
+    /// An operator on the whole bucket (backups, and the directory attributes of an
+    /// enclosing prefix). Dropped before the runtime, as `op`.
+    bucket: Option<Operator>,
     rt: Option<tokio::runtime::Runtime>,
     target: Target,
     /// Directory → its children, from the one listing made when the replica was opened.
@@ -460,33 +463,33 @@ impl S3Replica {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let (op, backup) = {
+        let backup = match &opts.backup {
+            None => None,
+            Some(path) => Some(
+                Target::parse(path.as_os_str())
+                    .and_then(Result::ok)
+                    .filter(|b| b.bucket == target.bucket)
+                    .ok_or_else(|| {
+                        io::Error::other("--backup-dir must be in the replica's bucket")
+                    })?
+                    .prefix,
+            ),
+        };
+        let (op, bucket) = {
             let _guard = rt.enter();
-            let op = build_operator(target, endpoint).map_err(|e| other(&e))?;
-            let backup = match &opts.backup {
-                None => None,
-                Some(path) => {
-                    let b = Target::parse(path.as_os_str())
-                        .and_then(Result::ok)
-                        .filter(|b| b.bucket == target.bucket)
-                        .ok_or_else(|| {
-                            io::Error::other("--backup-dir must be in the replica's bucket")
-                        })?;
-                    let whole = Target {
-                        bucket: target.bucket.clone(),
-                        prefix: String::new(),
-                    };
-                    Some((
-                        build_operator(&whole, endpoint).map_err(|e| other(&e))?,
-                        b.prefix,
-                    ))
-                }
+            let whole = Target {
+                bucket: target.bucket.clone(),
+                prefix: String::new(),
             };
-            (op, backup)
+            (
+                build_operator(target, endpoint).map_err(|e| other(&e))?,
+                build_operator(&whole, endpoint).map_err(|e| other(&e))?,
+            )
         };
         let mut me = S3Replica {
             op: Some(op),
             backup,
+            bucket: Some(bucket),
             rt: Some(rt),
             target: target.clone(),
             tree: BTreeMap::new(),
@@ -514,6 +517,48 @@ impl S3Replica {
         self.op.as_ref().expect("operator")
     }
 
+    fn bucket(&self) -> &Operator {
+        self.bucket.as_ref().expect("operator")
+    }
+
+    /// A sub-prefix of a mirror (the restore of one folder, `s3://BUCKET/PREFIX/SUB`) has no
+    /// directory object of its own: its directories' attributes are in the nearest enclosing
+    /// prefix's, under `SUB/`. One GET a level up until one is found; `None` if none is.
+    fn inherited_dirs(&self) -> io::Result<Option<BTreeMap<Vec<u8>, DirAttrs>>> {
+        let parts: Vec<&str> = self.target.prefix.split('/').collect();
+        for up in (0..parts.len()).rev() {
+            let (above, below) = (parts[..up].join("/"), parts[up..].join("/"));
+            let key = match above.is_empty() {
+                true => DIRS_OBJECT.to_string(),
+                false => format!("{above}/{DIRS_OBJECT}"),
+            };
+            self.requests.get.fetch_add(1, Ordering::Relaxed);
+            let buf = match self.attempt(self.bucket().read(&key))? {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == opendal::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.describe(&e)),
+            };
+            let parsed: Vec<(String, DirAttrs)> =
+                serde_json::from_slice(&buf.to_vec()).unwrap_or_default();
+            let sub = unescape_path(&below);
+            let mut inner = sub.clone();
+            inner.push(b'/');
+            let map = parsed
+                .into_iter()
+                .filter_map(|(k, a)| {
+                    let k = unescape_path(&k);
+                    let rel = match k == sub {
+                        true => Vec::new(),
+                        false => k.strip_prefix(inner.as_slice())?.to_vec(),
+                    };
+                    Some((rel, a))
+                })
+                .collect();
+            return Ok(Some(map));
+        }
+        Ok(None)
+    }
+
     /// Runs one request (with the retry layer's attempts) to its end, bounded and
     /// cancellable: it fails with `TimedOut` after three times `--timeout` in all (each
     /// attempt is bounded by the timeout layer too), and with `Interrupted` within 50 ms of
@@ -525,27 +570,7 @@ impl S3Replica {
         &self,
         f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
     ) -> io::Result<opendal::Result<T>> {
-        if let Some(why) = self.down.get() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, why.clone()));
-        }
-        if crate::cancel::requested() {
-            return Err(interrupted());
-        }
-        let budget = self.timeout.saturating_mul(3);
-        let rt = self.rt.as_ref().expect("runtime");
-        let _doing = crate::cancel::doing(format!("a request to {}", self.url));
-        let outcome = rt.block_on(async {
-            tokio::select! {
-                r = tokio::time::timeout(budget, f.into_future()) => Some(r),
-                () = cancelled() => None,
-            }
-        });
-        match outcome {
-            None => Err(interrupted()),
-            Some(Err(_)) => Err(self.went_down()),
-            Some(Ok(Err(e))) if is_timeout(&e) => Err(self.went_down()),
-            Some(Ok(r)) => Ok(r),
-        }
+        self.run(f, "a request", Duration::ZERO).0
     }
 
     /// [`attempt`](Self::attempt) for a call on a multipart writer. A writer whose call was
@@ -557,32 +582,49 @@ impl S3Replica {
         f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
         usable: &mut bool,
     ) -> io::Result<T> {
+        let (outcome, settled) = self.run(f, "an upload", GRACE);
+        *usable &= settled;
+        outcome?.map_err(|e| self.describe(&e))
+    }
+
+    /// The one place a request runs (see [`attempt`](Self::attempt)). After SIGTERM, the
+    /// call in flight may still finish within `grace`; the second value says whether it
+    /// ran to its end (neither dropped for the signal nor for the budget).
+    fn run<T>(
+        &self,
+        f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
+        what: &str,
+        grace: Duration,
+    ) -> (io::Result<opendal::Result<T>>, bool) {
         if let Some(why) = self.down.get() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, why.clone()));
+            return (
+                Err(io::Error::new(io::ErrorKind::TimedOut, why.clone())),
+                true,
+            );
         }
         if crate::cancel::requested() {
-            return Err(interrupted());
+            return (Err(interrupted()), true);
         }
         let budget = self.timeout.saturating_mul(3);
         let rt = self.rt.as_ref().expect("runtime");
-        let _doing = crate::cancel::doing(format!("an upload to {}", self.url));
+        let _doing = crate::cancel::doing(format!("{what} to {}", self.url));
         let (outcome, settled) = rt.block_on(async {
             let call = tokio::time::timeout(budget, f.into_future());
             tokio::pin!(call);
             tokio::select! {
-                r = &mut call => (Some(r), true),
-                () = cancelled() => {
-                    (None, tokio::time::timeout(GRACE, &mut call).await.is_ok())
-                }
+                // Over budget, the call was dropped: not settled.
+                r = &mut call => { let settled = r.is_ok(); (Some(r), settled) }
+                () = cancelled() => (None, !grace.is_zero()
+                    && matches!(tokio::time::timeout(grace, &mut call).await, Ok(Ok(_)))),
             }
         });
-        *usable &= settled && !matches!(outcome, Some(Err(_)));
-        match outcome {
+        let verdict = match outcome {
             None => Err(interrupted()),
             Some(Err(_)) => Err(self.went_down()),
             Some(Ok(Err(e))) if is_timeout(&e) => Err(self.went_down()),
-            Some(Ok(r)) => r.map_err(|e| self.describe(&e)),
-        }
+            Some(Ok(r)) => Ok(r),
+        };
+        (verdict, settled)
     }
 
     /// [`attempt`](Self::attempt), with the server's error as an `io::Error` in words.
@@ -731,6 +773,10 @@ impl S3Replica {
                 }
             };
             *self.dirs.lock().expect("dirs") = attrs;
+        } else if any && !self.target.prefix.is_empty() {
+            if let Some(map) = self.inherited_dirs()? {
+                *self.dirs.lock().expect("dirs") = map;
+            }
         }
         Ok(())
     }
@@ -1475,10 +1521,11 @@ impl Replica for S3Replica {
     /// backup prefix by server-side copy; then, unless `keep`, removes them. An existing
     /// backup object is never replaced.
     fn backup(&self, rel: &RelPath, keep: bool) -> io::Result<()> {
-        let (whole, prefix) = self
+        let prefix = self
             .backup
             .as_ref()
             .ok_or_else(|| io::Error::other("no --backup-dir"))?;
+        let whole = self.bucket();
         let l = self.listed(rel).ok_or(io::ErrorKind::NotFound)?;
         let mut keys = vec![l.key.clone()];
         if l.kind == Kind::Dir {
@@ -1656,6 +1703,7 @@ impl Drop for S3Replica {
         }
         // Connections are dropped inside the runtime, then the runtime is shut down.
         drop(self.op.take());
+        drop(self.bucket.take());
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }

@@ -7,6 +7,7 @@
 //! next pass against the healthy server must converge. The same server also checks that a
 //! name is freed before anything is created under it (file <-> directory and the rest).
 
+use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
@@ -33,6 +34,9 @@ enum Fault {
     SlowDown(u64),
     /// Forwards at about 16 MB/s a connection (a long upload).
     Slow,
+    /// Cuts the next `n` uploads (requests that start with `PUT `) half-way: half the
+    /// request reaches the server, then the connection goes dead.
+    Reset(u64),
 }
 
 struct Proxy {
@@ -44,6 +48,7 @@ enum Step {
     Forward,
     Swallow,
     SlowDown,
+    Cut,
 }
 
 const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
@@ -129,6 +134,14 @@ impl Proxy {
                                     Step::SlowDown
                                 }
                                 Fault::SlowDown(_) => Step::Forward,
+                                Fault::Reset(k) if k > 0 && buf[..n].starts_with(b"PUT ") => {
+                                    *f = match k - 1 {
+                                        0 => Fault::Healthy,
+                                        left => Fault::Reset(left),
+                                    };
+                                    Step::Cut
+                                }
+                                Fault::Reset(_) => Step::Forward,
                             }
                         };
                         match step {
@@ -138,6 +151,10 @@ impl Proxy {
                                 }
                             }
                             Step::Swallow => {}
+                            Step::Cut => {
+                                let _ = s_write.write_all(&buf[..n / 2]);
+                                break;
+                            }
                             Step::SlowDown => {
                                 let _ = write!(
                                     answer,
@@ -176,12 +193,19 @@ fn through(proxy: &Proxy, env: &Env, prefix: &str, extra: &[&str]) -> Command {
     c
 }
 
+/// The fault gone, the next pass converges (exit 0).
+fn converge(proxy: &Proxy, env: &Env, prefix: &str) {
+    proxy.set(Fault::Healthy);
+    let out = through(proxy, env, prefix, &[]).output().expect("run");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+}
+
 /// Every object under `prefix` is one whole version of its source file: the current one
 /// or `old` (what the previous pass stored), never a part of either.
 fn assert_whole_objects(s: &Server, prefix: &str, env: &Env, old: &dyn Fn(&str) -> Vec<u8>) {
     for key in keys(s, prefix) {
         let got = rclone(s, &["cat", &format!("X:{BUCKET}/{prefix}/{key}")]).stdout;
-        let now = std::fs::read(env.src.join(&key)).unwrap_or_default();
+        let now = fs::read(env.src.join(&key)).unwrap_or_default();
         assert!(
             got == now || got == old(&key),
             "'{key}' holds neither version ({} bytes)",
@@ -228,9 +252,7 @@ fn a_server_that_never_answers_ends_the_pass_with_a_timeout_naming_the_url() {
     );
     assert!(err.contains("could not reach replica"), "{err}");
 
-    proxy.set(Fault::Healthy);
-    let out = through(&proxy, &env, "never", &[]).output().expect("run");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    converge(&proxy, &env, "never");
     assert_eq!(keys(s, "never"), ["f"]);
 }
 
@@ -263,9 +285,7 @@ fn a_server_that_stalls_mid_pass_fails_the_entries_and_leaves_only_whole_objects
     );
     assert_whole_objects(s, "stalls", &env, &old);
 
-    proxy.set(Fault::Healthy);
-    let out = through(&proxy, &env, "stalls", &[]).output().expect("run");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    converge(&proxy, &env, "stalls");
     assert_whole_objects(s, "stalls", &env, &|_| Vec::new());
     assert_eq!(keys(s, "stalls"), files);
 }
@@ -297,11 +317,7 @@ fn throttling_is_retried_and_a_server_that_keeps_throttling_fails_within_the_bou
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", text(&out));
     assert!(stderr(&out).contains("SlowDown"), "{}", text(&out));
-    proxy.set(Fault::Healthy);
-    let out = through(&proxy, &env, "slowdown", &[])
-        .output()
-        .expect("run");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    converge(&proxy, &env, "slowdown");
     assert_eq!(keys(s, "slowdown").len(), 5);
 }
 
@@ -359,11 +375,7 @@ fn sigterm_mid_multipart_upload_leaves_no_object_and_no_unfinished_upload() {
         text(&out)
     );
 
-    proxy.set(Fault::Healthy);
-    let out = through(&proxy, &env, "multipart", &[])
-        .output()
-        .expect("run");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    converge(&proxy, &env, "multipart");
     assert_eq!(keys(s, "multipart"), ["big.bin"]);
 }
 
@@ -451,9 +463,9 @@ fn kind_changes_free_the_name_first_and_restore_exactly() {
     let rm = |p: &str| {
         let p = src.join(p);
         if p.is_dir() && !p.is_symlink() {
-            std::fs::remove_dir_all(&p).expect("rm -r");
+            fs::remove_dir_all(&p).expect("rm -r");
         } else {
-            std::fs::remove_file(&p).expect("rm");
+            fs::remove_file(&p).expect("rm");
         }
     };
     rm("file-to-dir");
@@ -567,7 +579,7 @@ fn stop_says_when_a_daemon_did_not_stop_and_force_kills_it() {
     start.args(["--interval", "1h"]);
     let out = run_bounded(start, Duration::from_secs(30));
     assert_eq!(code(&out), 0, "{}", text(&out));
-    let pid: i32 = std::fs::read_to_string(env.state.join("default.pid"))
+    let pid: i32 = fs::read_to_string(env.state.join("default.pid"))
         .expect("pid file")
         .trim()
         .parse()
@@ -605,11 +617,59 @@ fn stop_says_when_a_daemon_did_not_stop_and_force_kills_it() {
     );
     assert!(!env.state.join("default.pid").exists());
     // Gone, or a zombie waiting for whoever reaps orphans here.
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let running = state
         .rsplit_once(") ")
         .is_some_and(|(_, rest)| !rest.starts_with('Z'));
     assert!(!running, "the daemon still runs: {state}");
     // Its replica lock went with it.
     env.mirror_ok(&[]);
+}
+
+#[test]
+fn connections_cut_mid_upload_are_retried_and_a_lasting_fault_leaves_no_partial_object() {
+    let Some(s) = server() else { return };
+    let flaky = Proxy::new(&s.endpoint);
+    let env = Env::new();
+    let files = ["a.bin", "b.bin", "c.bin"];
+    for (i, f) in files.iter().enumerate() {
+        write(&env.src.join(f), &Rng::new(i as u64).bytes(300_000));
+    }
+    let run = || {
+        s3_command(&flaky.endpoint, "monoshot", &env, "flaky")
+            .output()
+            .expect("run")
+    };
+
+    // Two uploads cut: retried, and the pass still succeeds.
+    flaky.set(Fault::Reset(2));
+    let out = run();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    for f in files {
+        let cat = rclone(s, &["cat", &format!("X:{BUCKET}/flaky/{f}")]);
+        assert_eq!(cat.stdout, fs::read(env.src.join(f)).expect("read"), "{f}");
+    }
+
+    // Every upload cut: after the retries, a per-entry error (exit 1), and the key keeps
+    // the previous whole object.
+    let old = fs::read(env.src.join("b.bin")).expect("read");
+    write(&env.src.join("b.bin"), &Rng::new(99).bytes(300_000));
+    flaky.set(Fault::Reset(u64::MAX));
+    let out = run();
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(stderr(&out).contains("b.bin"), "{}", text(&out));
+    assert_eq!(
+        rclone(s, &["cat", &format!("X:{BUCKET}/flaky/b.bin")]).stdout,
+        old,
+        "a partial or new object under the key"
+    );
+
+    // The fault gone, the next pass converges.
+    flaky.set(Fault::Healthy);
+    let out = run();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(
+        rclone(s, &["cat", &format!("X:{BUCKET}/flaky/b.bin")]).stdout,
+        fs::read(env.src.join("b.bin")).expect("read")
+    );
 }

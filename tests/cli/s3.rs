@@ -634,6 +634,28 @@ fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
 }
 
 #[test]
+fn a_restore_of_one_folder_gives_its_root_the_folder_attributes() {
+    let Some(s) = server() else { return };
+    let job = Job::new(s, "whole/tree");
+    fill(&job.env.src);
+    let d1 = job.env.src.join("d1");
+    chmod(&d1, 0o750);
+    set_mtime(&d1, 1_400_000_000, 7);
+    job.ok(&[]);
+    let into = job.env.path("only-d1");
+    let out = restore(s, &job.env, "whole/tree/d1", &into);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // The root too: its mode and mtime are d1's, not a default and 1970.
+    assert_rsync_agrees(&d1, &into);
+    let m = fs::metadata(&into).expect("stat");
+    assert_eq!(m.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        m.modified().expect("mtime"),
+        fs::metadata(&d1).expect("stat").modified().expect("mtime")
+    );
+}
+
+#[test]
 fn backup_dir_keeps_overwritten_and_deleted_objects_by_server_side_copy() {
     let Some(s) = server() else { return };
     let job = Job::new(s, "kept/live");
@@ -712,113 +734,6 @@ fn dry_run_writes_nothing_and_a_daemon_mirrors_into_the_bucket() {
     let status = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(status.contains("s3://mirror/daemon"), "{status}");
     assert!(status.contains("\"requests\""), "{status}");
-}
-
-/// A TCP proxy in front of the server that cuts the connection of the next `cuts` requests
-/// that start with `PUT ` (a connection reset mid-upload, as a flaky network gives).
-struct Flaky {
-    endpoint: String,
-    cuts: std::sync::Arc<std::sync::atomic::AtomicI64>,
-}
-
-impl Flaky {
-    fn new(upstream: &str) -> Flaky {
-        use std::io::{Read, Write};
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-        let up = upstream.trim_start_matches("http://").to_string();
-        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-        let budget = cuts.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = std::net::TcpStream::connect(&up) else {
-                    continue;
-                };
-                let budget = budget.clone();
-                let (mut c_read, mut s_write) = (client.try_clone().expect("clone"), server);
-                let (mut s_read, mut c_write) = (s_write.try_clone().expect("clone"), client);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s_read, &mut c_write);
-                    let _ = c_write.shutdown(std::net::Shutdown::Both);
-                });
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match c_read.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if buf[..n].starts_with(b"PUT ")
-                            && budget.fetch_sub(1, Ordering::SeqCst) > 0
-                        {
-                            // Half a request reaches the server, then the line goes dead.
-                            let _ = s_write.write_all(&buf[..n / 2]);
-                            break;
-                        }
-                        if s_write.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = s_write.shutdown(std::net::Shutdown::Both);
-                    let _ = c_read.shutdown(std::net::Shutdown::Both);
-                });
-            }
-        });
-        Flaky { endpoint, cuts }
-    }
-
-    fn cut(&self, n: i64) {
-        self.cuts.store(n, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-#[test]
-fn connections_cut_mid_upload_are_retried_and_a_lasting_fault_leaves_no_partial_object() {
-    let Some(s) = server() else { return };
-    let flaky = Flaky::new(&s.endpoint);
-    let env = Env::new();
-    let files = ["a.bin", "b.bin", "c.bin"];
-    for (i, f) in files.iter().enumerate() {
-        write(&env.src.join(f), &Rng::new(i as u64).bytes(300_000));
-    }
-    let run = || {
-        s3_command(&flaky.endpoint, "monoshot", &env, "flaky")
-            .output()
-            .expect("run")
-    };
-
-    // Two uploads cut: retried, and the pass still succeeds.
-    flaky.cut(2);
-    let out = run();
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    for f in files {
-        let cat = rclone(s, &["cat", &format!("X:{BUCKET}/flaky/{f}")]);
-        assert_eq!(cat.stdout, fs::read(env.src.join(f)).expect("read"), "{f}");
-    }
-
-    // Every upload cut: after the retries, a per-entry error (exit 1), and the key keeps
-    // the previous whole object.
-    let old = fs::read(env.src.join("b.bin")).expect("read");
-    write(&env.src.join("b.bin"), &Rng::new(99).bytes(300_000));
-    flaky.cut(i64::MAX);
-    let out = run();
-    assert_eq!(code(&out), 1, "{}", text(&out));
-    assert!(stderr(&out).contains("b.bin"), "{}", text(&out));
-    assert_eq!(
-        rclone(s, &["cat", &format!("X:{BUCKET}/flaky/b.bin")]).stdout,
-        old,
-        "a partial or new object under the key"
-    );
-
-    // The fault gone, the next pass converges.
-    flaky.cut(0);
-    let out = run();
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    assert_eq!(
-        rclone(s, &["cat", &format!("X:{BUCKET}/flaky/b.bin")]).stdout,
-        fs::read(env.src.join("b.bin")).expect("read")
-    );
 }
 
 #[test]
