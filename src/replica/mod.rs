@@ -10,6 +10,7 @@
 
 pub mod local;
 pub mod s3;
+mod s3_uploads;
 
 #[cfg(test)]
 pub mod fake;

@@ -126,15 +126,27 @@ const GRACE: Duration = Duration::from_secs(2);
 const ABORT_BUDGET: Duration = Duration::from_secs(2);
 
 impl Endpoint {
+    /// `--s3-region`, else `AWS_REGION`, else us-east-1.
+    pub(super) fn region_name(&self) -> String {
+        self.region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
+            .unwrap_or_else(|| "us-east-1".to_string())
+    }
+
+    /// `--s3-endpoint`, else `AWS_ENDPOINT_URL`: a bucket there is addressed path-style;
+    /// without one, AWS's virtual-host style is used.
+    pub(super) fn given(&self) -> Option<String> {
+        self.endpoint.clone().or_else(|| {
+            std::env::var("AWS_ENDPOINT_URL")
+                .ok()
+                .filter(|r| !r.is_empty())
+        })
+    }
+
     /// The endpoint's URL, as errors name it.
     fn url(&self) -> String {
-        self.endpoint
-            .clone()
-            .or_else(|| {
-                std::env::var("AWS_ENDPOINT_URL")
-                    .ok()
-                    .filter(|r| !r.is_empty())
-            })
+        self.given()
             .unwrap_or_else(|| "https://s3.amazonaws.com".to_string())
     }
 }
@@ -459,6 +471,7 @@ impl S3Replica {
         opts: &Options,
         index: Option<&Path>,
     ) -> io::Result<S3Replica> {
+        let started = std::time::SystemTime::now();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -510,6 +523,9 @@ impl S3Replica {
             me.index = Some(open_index(path, &target.url())?);
         }
         me.list_all()?;
+        if let (Some(db), false) = (&me.index, me.dry) {
+            super::s3_uploads::sweep(&me, db, target, endpoint, started);
+        }
         Ok(me)
     }
 
@@ -636,16 +652,49 @@ impl S3Replica {
     }
 
     /// Runs a clean-up request (the abort of a failed upload) that must happen even after
-    /// SIGTERM, bounded by [`ABORT_BUDGET`].
-    fn clean_up<T>(&self, f: impl std::future::IntoFuture<Output = opendal::Result<T>>) {
+    /// SIGTERM, bounded by [`ABORT_BUDGET`]. True when the server did it.
+    fn clean_up<T>(&self, f: impl std::future::IntoFuture<Output = opendal::Result<T>>) -> bool {
         if self.down.get().is_some() {
-            return;
+            return false;
         }
         let rt = self.rt.as_ref().expect("runtime");
         let budget = ABORT_BUDGET.min(self.timeout);
         let done = rt.block_on(async { tokio::time::timeout(budget, f.into_future()).await });
-        if let Ok(Err(e)) = done {
-            log::debug!("clean-up request failed: {}", one_line(&e));
+        if let Ok(Err(e)) = &done {
+            log::debug!("clean-up request failed: {}", one_line(e));
+        }
+        matches!(done, Ok(Ok(_)))
+    }
+
+    /// Runs a request syncer sends itself (`s3_uploads`: the calls OpenDAL lacks) on this
+    /// replica's runtime, as [`attempt`](Self::attempt) does: bounded by `--timeout` and
+    /// dropped within 50 ms of SIGTERM. One attempt, no retries; its timeout fails only it.
+    pub(super) fn run_own<T>(&self, f: impl std::future::Future<Output = T>) -> io::Result<T> {
+        if let Some(why) = self.down.get() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, why.clone()));
+        }
+        if crate::cancel::requested() {
+            return Err(interrupted());
+        }
+        let rt = self.rt.as_ref().expect("runtime");
+        let _doing = crate::cancel::doing(format!("a request to {}", self.url));
+        let outcome = rt.block_on(async {
+            tokio::select! {
+                r = tokio::time::timeout(self.timeout, f) => Some(r),
+                () = cancelled() => None,
+            }
+        });
+        match outcome {
+            None => Err(interrupted()),
+            Some(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} timed out after {}",
+                    self.url,
+                    humantime::format_duration(self.timeout)
+                ),
+            )),
+            Some(Ok(r)) => Ok(r),
         }
     }
 
@@ -1106,18 +1155,8 @@ fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Opera
         .bucket(&target.bucket)
         .root(&format!("/{}", target.prefix))
         .disable_ec2_metadata();
-    let region = endpoint
-        .region
-        .clone()
-        .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
-        .unwrap_or_else(|| "us-east-1".to_string());
-    b = b.region(&region);
-    let url = endpoint.endpoint.clone().or_else(|| {
-        std::env::var("AWS_ENDPOINT_URL")
-            .ok()
-            .filter(|r| !r.is_empty())
-    });
-    if let Some(url) = url {
+    b = b.region(&endpoint.region_name());
+    if let Some(url) = endpoint.given() {
         // Path-style addressing (OpenDAL's default) with an explicit endpoint.
         b = b.endpoint(&url);
     } else {
@@ -1637,6 +1676,12 @@ impl S3Replica {
         self.forget_delete(key);
         self.requests.put.fetch_add(1, Ordering::Relaxed);
         self.free_name(key).map_err(CopyError::Replica)?;
+        // Recorded before the upload begins, so a process killed before it ends leaves a
+        // trace the next pass follows (`s3_uploads`).
+        let journal = self.index.as_ref().filter(|_| !self.dry);
+        if let Some(db) = journal {
+            super::s3_uploads::begin(db, key);
+        }
         let w = self
             .call(
                 self.op()
@@ -1660,19 +1705,24 @@ impl S3Replica {
                 .map_err(CopyError::Replica),
             wrong => Err(wrong.err().unwrap_or(CopyError::Changed)),
         };
-        match closed {
-            Ok(md) => self.etag_after(key, md).map_err(CopyError::Replica),
+        let (ended, result) = match closed {
+            Ok(md) => (true, self.etag_after(key, md).map_err(CopyError::Replica)),
             Err(e) => {
-                if up.usable {
-                    self.clean_up(up.w.abort());
-                } else {
-                    log::warn!(
-                        "the upload of '{key}' could not be aborted; the server keeps its parts until it expires them"
-                    );
+                let aborted = up.usable && self.clean_up(up.w.abort());
+                if !aborted {
+                    let later = match journal {
+                        Some(_) => "the next pass aborts it",
+                        None => "the server keeps its parts until it expires them",
+                    };
+                    log::warn!("the upload of '{key}' could not be aborted now; {later}");
                 }
-                Err(e)
+                (aborted, Err(e))
             }
+        };
+        if let (Some(db), true) = (journal, ended) {
+            super::s3_uploads::end(db, key);
         }
+        result
     }
 
     fn record(&self, key: &str, etag: &str, meta: &Meta, hash: Hash, link: Option<Vec<u8>>) {

@@ -19,7 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::common::*;
-use crate::s3::{rclone, restore, s3_command, server, Server, BUCKET};
+use crate::s3::{rclone, requests, restore, s3_command, server, Server, BUCKET};
 
 /// What the proxy does to the requests that reach it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -672,4 +672,47 @@ fn connections_cut_mid_upload_are_retried_and_a_lasting_fault_leaves_no_partial_
         rclone(s, &["cat", &format!("X:{BUCKET}/flaky/b.bin")]).stdout,
         fs::read(env.src.join("b.bin")).expect("read")
     );
+}
+
+/// A process killed with SIGKILL mid-upload aborts nothing; the index remembers the upload,
+/// and the next pass aborts what was left. A pass with nothing recorded sends no request
+/// for it.
+#[test]
+fn the_next_pass_aborts_the_multipart_upload_a_killed_process_left() {
+    let Some(s) = server() else { return };
+    let proxy = Proxy::new(&s.endpoint);
+    let env = Env::new();
+    let content = Rng::new(23).bytes(80 << 20);
+    write(&env.src.join("big.bin"), &content);
+    proxy.set(Fault::Slow);
+    let mut cmd = through(&proxy, &env, "sigkill", &[]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = ChildGuard::spawn(cmd);
+    assert!(
+        wait_for(Duration::from_secs(60), || !no_uploads(&multipart_uploads(
+            s, "sigkill"
+        ))),
+        "no multipart upload began"
+    );
+    kill(Pid::from_raw(child.pid() as i32), Signal::SIGKILL).expect("kill");
+    let out = child.wait(Duration::from_secs(5), "a pass after SIGKILL");
+    assert_eq!(out.status.code(), None, "not killed: {}", text(&out));
+    let left = multipart_uploads(s, "sigkill");
+    assert!(!no_uploads(&left), "no unfinished upload was left: {left}");
+
+    proxy.set(Fault::Healthy);
+    let out = through(&proxy, &env, "sigkill", &[]).output().expect("run");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let got = rclone(s, &["cat", &format!("X:{BUCKET}/sigkill/big.bin")]).stdout;
+    assert!(got == content, "the object differs from the source");
+    let left = multipart_uploads(s, "sigkill");
+    assert!(no_uploads(&left), "unfinished uploads left: {left}");
+    // The objects' listing and the uploads' listing; at least one abort beside the upload.
+    let (list, _, _, _, delete) = requests(&env);
+    assert!(list >= 2 && delete >= 1, "{}", env.schedule_log());
+
+    // Nothing recorded any more: an idle pass is one listing, as ever.
+    let out = through(&proxy, &env, "sigkill", &[]).output().expect("run");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(requests(&env), (1, 0, 0, 0, 0), "{}", env.schedule_log());
 }

@@ -207,7 +207,7 @@ pub fn keys(s: &Server, prefix: &str) -> Vec<String> {
 }
 
 /// The `requests …` part of the last PASS END line: (list, head, get, put, delete).
-fn requests(env: &Env) -> (u64, u64, u64, u64, u64) {
+pub fn requests(env: &Env) -> (u64, u64, u64, u64, u64) {
     requests_of(env, "default")
 }
 
