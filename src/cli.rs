@@ -114,8 +114,14 @@ pub struct SyncArgs {
     /// Copy a file moved in the source again instead of renaming its replica twin into place.
     #[arg(long)]
     pub no_moves: bool,
-    /// Worker threads [default: one per core].
-    #[arg(long, value_name = "N")]
+    /// Worker threads, 1 to 256 [default: one per core, at most 256; 16 with an s3://
+    /// replica or source].
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+            .range(1..=crate::config::MAX_THREADS as u64)
+    )]
     pub threads: Option<usize>,
     /// More output (debug detail).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
