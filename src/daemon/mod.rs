@@ -56,9 +56,9 @@ fn lock_pid_file(path: &std::path::Path) -> std::io::Result<Result<lock::Held, S
 /// [`start_error`]).
 fn fail(cfg: &Config, nonce: &str, foreground: bool, code: ExitCode, msg: &str) -> ExitCode {
     if !foreground {
-        let _ = fs::write(
-            state::file(&cfg.state_dir, &cfg.name, "start-error"),
-            format!("{nonce} {} {msg}\n", code as i32),
+        let _ = state::write_private(
+            &state::file(&cfg.state_dir, &cfg.name, "start-error"),
+            &format!("{nonce} {} {msg}\n", code as i32),
         );
     }
     crate::term::err(format_args!("{msg}"));
@@ -166,7 +166,7 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     let written = if nonce.is_empty() {
         Ok(())
     } else {
-        fs::write(&start_path, start_text(pid, nonce))
+        state::write_private(&start_path, &start_text(pid, nonce))
             .map_err(|e| format!("could not write '{}': {e}", show(&start_path)))
     }
     .and_then(|()| {

@@ -1146,7 +1146,15 @@ fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Opera
 }
 
 fn open_index(path: &Path, url: &str) -> io::Result<redb::Database> {
-    let db = redb::Database::create(path).map_err(io::Error::other)?;
+    // Created owner-only: the index names every object of the replica.
+    let file = crate::state::private()
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    let db = redb::Builder::new()
+        .create_file(file)
+        .map_err(io::Error::other)?;
     let txn = db.begin_write().map_err(io::Error::other)?;
     {
         let info = txn.open_table(INFO).map_err(io::Error::other)?;

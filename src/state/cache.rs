@@ -419,7 +419,23 @@ impl Cache {
     }
 
     fn open_db(path: &Path) -> Result<Database, OpenError> {
-        match Database::builder().set_cache_size(4 << 20).create(path) {
+        // The file is created here, owner-only (it lists every path of the job), and handed
+        // to redb, which would create it with the umask's mode.
+        let file = path
+            .parent()
+            .map_or(Ok(()), super::create_dir)
+            .and_then(|()| {
+                super::private()
+                    .read(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(path)
+            })
+            .map_err(|e| OpenError::Other(e.to_string()))?;
+        match Database::builder()
+            .set_cache_size(4 << 20)
+            .create_file(file)
+        {
             Ok(db) => Ok(db),
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(OpenError::Busy),
             Err(e) => Err(OpenError::Other(e.to_string())),

@@ -6,7 +6,7 @@
 //!   per replica. monoshot holds it for its pass; a daemon for its whole life.
 //! - The PID file (`<name>.pid`): one daemon per job; locked by the daemon while it runs.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
@@ -41,12 +41,11 @@ impl Held {
 /// the text the holder wrote into the file.
 pub fn try_lock(path: &Path) -> std::io::Result<std::result::Result<Held, String>> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)?;
+        super::create_dir(parent)?;
     }
-    let mut file = OpenOptions::new()
+    let mut file = super::private()
         .read(true)
         .write(true)
-        .create(true)
         .truncate(false)
         .open(path)?;
     match file.try_lock() {
