@@ -25,6 +25,9 @@ pub enum Command {
     Stop(StopArgs),
     /// Show the state of a job.
     Status(StatusArgs),
+    /// Forget a stopped job: remove its hash cache, S3 index and status, so that its name
+    /// can serve another source/replica pair.
+    Forget(ForgetArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     Completions(CompletionsArgs),
     /// Print the man page (roff) to stdout.
@@ -178,6 +181,20 @@ pub struct StopArgs {
     /// How long to wait for the daemon to exit after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     pub wait: std::time::Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ForgetArgs {
+    /// Job name.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// State directory [default: $XDG_STATE_HOME/syncer or ~/.local/state/syncer].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Also remove the job's logs in the state directory (<name>.io.log, .schedule.log,
+    /// .daemon.log). Logs kept elsewhere (--io-log, --schedule-log) are never touched.
+    #[arg(long)]
+    pub logs: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -9,6 +9,7 @@ use crate::{cancel, job, journal, pass};
 pub fn run(args: &SyncArgs) -> Result<ExitCode> {
     let cfg = Config::from_args(args, None)?;
     journal::init(Some(cfg.verbosity));
+    job::check_pair(&cfg)?;
     let who = format!("monoshot pid {} job {}", std::process::id(), cfg.name);
     let _lock = lock::lock_replica(&cfg.state_dir, &cfg.replica, &who)?;
     if !cfg.dry_run {
@@ -19,7 +20,7 @@ pub fn run(args: &SyncArgs) -> Result<ExitCode> {
     let cache = if cfg.dry_run {
         crate::state::cache::Cache::disabled()
     } else {
-        job::open_cache(&cfg)
+        job::open_cache(&cfg)?
     };
     let outcome = pass::run(&cfg, &cache, job::wants_progress(&cfg));
     if !cfg.dry_run {

@@ -28,6 +28,7 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
             "--watch needs a local source (an s3:// source cannot be watched)".into(),
         ));
     }
+    crate::job::check_pair(&cfg)?;
     state::create_dir(&cfg.state_dir)
         .map_err(|e| Error::io("create state directory", &cfg.state_dir, e))?;
     let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");

@@ -143,7 +143,13 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     };
     journal::open_files(&cfg.io_log, &cfg.schedule_log);
     job::build_pool(cfg.threads);
-    let cache = job::open_cache(cfg);
+    let cache = match job::open_cache(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = fs::remove_file(&pid_path);
+            return fail(cfg, nonce, foreground, e.exit_code(), &e.to_string());
+        }
+    };
     let interval = cfg.interval.unwrap_or(Duration::from_secs(300));
     let mut st = job::base_status(cfg);
     if let Some(old) = status::read(&cfg.state_dir, &cfg.name) {

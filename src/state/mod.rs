@@ -8,7 +8,8 @@
 //! <name>.start          `<pid> <nonce>` of a forked daemon, for the `start` waiting on it
 //! <name>.start-error    why a forked daemon did not start, for that same `start`
 //! <name>.status.json    last pass, next pass, refusal reason (written atomically)
-//! <name>.cache.redb     hash cache and pass history
+//! <name>.cache.redb     hash cache and pass history; records the job's source/replica pair
+//! <name>.s3index.redb   an s3:// replica's index (see `replica::s3`)
 //! <name>.io.log         file-I/O log          <name>.schedule.log   schedule log
 //! <name>.daemon.log     the daemon's stdout/stderr
 //! locks/<id>.lock       one per replica (id derived from its canonical path)
@@ -20,6 +21,7 @@
 
 pub mod cache;
 pub mod lock;
+pub mod peek;
 pub mod status;
 
 use std::fs::{DirBuilder, File, OpenOptions};

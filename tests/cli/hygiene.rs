@@ -128,6 +128,7 @@ fn the_man_page_renders_without_warnings_and_names_every_subcommand() {
         "start",
         "stop",
         "status",
+        "forget",
         "completions",
         "manpage",
     ] {

@@ -557,6 +557,16 @@ pub fn restore(s: &Server, env: &Env, prefix: &str, into: &Path) -> Output {
     c.output().expect("run syncer")
 }
 
+/// `syncer forget --name restore`: frees the job name `restore` for another pair.
+fn forget_restore(env: &Env) {
+    let out = syncer()
+        .args(["forget", "--name", "restore", "--state-dir"])
+        .arg(&env.state)
+        .output()
+        .expect("forget");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+}
+
 #[test]
 fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
     let Some(s) = server() else { return };
@@ -605,6 +615,8 @@ fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
         ],
     );
     let again = job.env.path("restored-2");
+    // Another target is another pair: the job is forgotten first (issue 23).
+    forget_restore(&job.env);
     let out = restore(s, &job.env, "restore", &again);
     assert_eq!(code(&out), 1, "{}", text(&out));
     assert!(
@@ -623,6 +635,7 @@ fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
 
     // An empty prefix (a typo, a bucket not yet filled) is no source: exit 2, nothing made.
     let none = job.env.path("from-nothing");
+    forget_restore(&job.env);
     let out = restore(s, &job.env, "no-such-prefix", &none);
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(

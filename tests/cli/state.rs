@@ -1,8 +1,11 @@
-//! A job's state (issue 23): the state directory is private (0700, files 0600).
+//! A job's state (issue 23): it belongs to one source/replica pair, and a run that names
+//! another pair under the same job is refused before it touches anything; `forget` frees a
+//! stopped job's name; the state directory is private (0700, files 0600).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -20,6 +23,29 @@ impl Drop for StopAll<'_> {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Asserts two `snapshot`s (names, kinds, content hashes, modes, mtimes) are equal.
+fn assert_snapshots_equal(a: &BTreeMap<PathBuf, Snap>, b: &BTreeMap<PathBuf, Snap>, what: &str) {
+    let keys: std::collections::BTreeSet<&PathBuf> = a.keys().chain(b.keys()).collect();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{}:\n  {:?}\n  {:?}", k.display(), a.get(k), b.get(k)))
+        .collect();
+    assert!(diffs.is_empty(), "{what}:\n{}", diffs.join("\n"));
+}
+
+/// Polls until the job's status file records a finished pass.
+fn wait_status_pass(env: &Env, name: &str) {
+    let path = env.state.join(format!("{name}.status.json"));
+    let done = wait_for(Duration::from_secs(20), || {
+        fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["last_pass"].is_object())
+    });
+    assert!(done, "no pass recorded in '{}'", path.display());
 }
 
 fn mode(path: &Path) -> u32 {
@@ -52,16 +78,7 @@ fn the_state_directory_is_created_0700_and_its_files_0600() {
         .output()
         .expect("start");
     assert_eq!(code(&out), 0, "{}", text(&out));
-    assert!(
-        wait_for(Duration::from_secs(20), || env
-            .state
-            .join("daemon.schedule.log")
-            .exists()
-            && fs::read_to_string(env.state.join("daemon.schedule.log"))
-                .unwrap_or_default()
-                .contains("PASS END")),
-        "the daemon did not finish a pass"
-    );
+    wait_status_pass(&env, "daemon");
     let all = modes_below(&env.state);
     for file in [
         "default.cache.redb",
@@ -103,4 +120,196 @@ fn an_existing_state_directory_keeps_its_modes_and_still_works() {
     // What syncer creates there now is private all the same.
     assert_eq!(mode(&env.state.join("default.cache.redb")), 0o600);
     assert_eq!(mode(&env.state.join("default.schedule.log")), 0o600);
+}
+
+/// `(files, bytes)` of the `hashed F files / B bytes` field of a `PASS END` line.
+pub fn hashed(line: &str) -> (u64, u64) {
+    let rest = line
+        .split("hashed ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no 'hashed' field in: {line}"));
+    let w: Vec<&str> = rest.split_whitespace().collect();
+    assert_eq!(
+        (w[1], w[2], w[4]),
+        ("files", "/", "bytes,"),
+        "odd line: {line}"
+    );
+    (w[0].parse().expect("files"), w[3].parse().expect("bytes"))
+}
+
+/// `syncer SUB --source S --replica R --state-dir T ARGS` for another pair.
+fn run_pair(env: &Env, sub: &str, src: &Path, rep: &Path, args: &[&str]) -> std::process::Output {
+    let mut c = syncer();
+    c.arg(sub)
+        .arg("--source")
+        .arg(src)
+        .arg("--replica")
+        .arg(rep)
+        .arg("--state-dir")
+        .arg(&env.state)
+        .args(args);
+    run_bounded(c, Duration::from_secs(60))
+}
+
+fn forget(env: &Env, args: &[&str]) -> std::process::Output {
+    syncer()
+        .arg("forget")
+        .arg("--state-dir")
+        .arg(&env.state)
+        .args(args)
+        .output()
+        .expect("forget")
+}
+
+#[test]
+fn another_pair_under_a_job_name_is_refused_and_the_job_keeps_its_cache() {
+    let env = Env::new();
+    gen_tree(&env.src, 2302, 60);
+    let_source_age_past_racy_window(&env.src);
+    env.mirror_ok(&[]);
+    let state_before = snapshot(&env.state);
+    let src = fs::canonicalize(&env.src).expect("canonical");
+    let rep = fs::canonicalize(&env.rep).expect("canonical");
+    let other = env.path("other");
+    fs::create_dir(env.path("src2")).expect("mkdir");
+    let cases = [
+        ("monoshot", env.src.clone(), other.clone(), vec![]),
+        ("monoshot", env.src.clone(), other.clone(), vec!["-q"]),
+        ("monoshot", env.path("src2"), env.rep.clone(), vec![]),
+        (
+            "monoshot",
+            env.src.clone(),
+            other.clone(),
+            vec!["--dry-run"],
+        ),
+        (
+            "start",
+            env.src.clone(),
+            other.clone(),
+            vec!["--interval", "1h"],
+        ),
+        (
+            "start",
+            env.src.clone(),
+            other.clone(),
+            vec!["--interval", "1h", "--foreground"],
+        ),
+    ];
+    for (sub, s, r, args) in cases {
+        let out = run_pair(&env, sub, &s, &r, &args);
+        assert_eq!(code(&out), 2, "{sub} {args:?}:\n{}", text(&out));
+        let want = format!(
+            "syncer: job 'default' mirrors '{}' -> '{}'; use --name to start another job, or 'syncer forget --name default --state-dir {}'",
+            src.display(),
+            rep.display(),
+            env.state.display()
+        );
+        assert_eq!(stderr(&out).trim_end(), want, "{sub} {args:?}");
+        assert!(out.stdout.is_empty(), "{sub} {args:?}:\n{}", text(&out));
+        assert!(!other.exists(), "{sub} {args:?} made the other replica");
+        assert_snapshots_equal(
+            &state_before,
+            &snapshot(&env.state),
+            &format!("{sub} {args:?} touched the state directory"),
+        );
+    }
+    // The job's own next pass trusts its cache as before.
+    env.mirror_ok(&[]);
+    assert_eq!(
+        hashed(&last_pass_end(&env)),
+        (0, 0),
+        "{}",
+        last_pass_end(&env)
+    );
+}
+
+#[test]
+fn forget_frees_a_stopped_jobs_name_for_another_pair() {
+    let env = Env::new();
+    gen_tree(&env.src, 2303, 40);
+    env.mirror_ok(&[]);
+    let other = env.path("other");
+    assert_eq!(code(&run_pair(&env, "monoshot", &env.src, &other, &[])), 2);
+
+    let out = forget(&env, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.starts_with("forgot job 'default' ("), "{said}");
+    for gone in ["default.cache.redb", "default.status.json"] {
+        assert!(!env.state.join(gone).exists(), "{gone} is still there");
+        assert!(said.contains(gone), "{said}");
+    }
+    // Logs are history: kept, and said so.
+    assert!(env.state.join("default.io.log").exists());
+    assert!(said.contains("kept log"), "{said}");
+
+    let out = run_pair(&env, "monoshot", &env.src, &other, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_trees_equal(&env.src, &other);
+    let st: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(env.state.join("default.status.json")).expect("status"),
+    )
+    .expect("json");
+    assert_eq!(st["replica"], other.display().to_string());
+    // From now on the old pair is the other one.
+    let out = env.monoshot(&[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+
+    let out = forget(&env, &["--logs"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let left: Vec<_> = fs::read_dir(&env.state)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("locks")], "{left:?}");
+    let out = forget(&env, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("job 'default' has no state in"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn forget_refuses_a_running_job_and_so_does_a_run_with_another_pair() {
+    let env = Env::new();
+    gen_tree(&env.src, 2304, 20);
+    let _stop = StopAll(&env.state);
+    let out = env
+        .command("start")
+        .args(["--interval", "1h"])
+        .output()
+        .expect("start");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    wait_status_pass(&env, "default");
+    let state_before = snapshot(&env.state);
+
+    let out = forget(&env, &[]);
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("job 'default' is running (pid "),
+        "{}",
+        text(&out)
+    );
+    // The daemon holds its cache: the pair comes from the status it wrote when it started.
+    let out = run_pair(&env, "monoshot", &env.src, &env.path("other"), &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("job 'default' mirrors"),
+        "{}",
+        text(&out)
+    );
+    assert_snapshots_equal(&state_before, &snapshot(&env.state), "state touched");
+
+    let out = syncer()
+        .args(["stop", "--state-dir"])
+        .arg(&env.state)
+        .output()
+        .expect("stop");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let out = forget(&env, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(!env.state.join("default.cache.redb").exists());
+    assert!(!env.state.join("default.pid").exists());
 }
