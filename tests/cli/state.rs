@@ -313,3 +313,39 @@ fn forget_refuses_a_running_job_and_so_does_a_run_with_another_pair() {
     assert!(!env.state.join("default.cache.redb").exists());
     assert!(!env.state.join("default.pid").exists());
 }
+
+#[test]
+fn a_run_that_fails_its_root_checks_touches_no_state_file() {
+    let env = Env::new();
+    gen_tree(&env.src, 2305, 20);
+    env.mirror_ok(&["--name", "other"]);
+    let ro = env.path("ro");
+    let _mount = Mount::with(&ro, &["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"]);
+    let state_before = snapshot(&env.state);
+    // A new job whose replica cannot be created (on a read-only filesystem), or is inside
+    // its source, or whose source is missing: refused, and nothing is created or changed in
+    // the state directory (no cache, log, status or lock).
+    let cases = [
+        (env.src.clone(), ro.join("rep"), "could not create replica"),
+        (env.src.clone(), env.src.join("rep"), "is inside source"),
+        (env.path("gone"), env.rep.clone(), "does not exist"),
+    ];
+    for (src, rep, why) in cases {
+        let mut c = syncer();
+        c.arg("monoshot")
+            .arg("--source")
+            .arg(&src)
+            .arg("--replica")
+            .arg(&rep)
+            .arg("--state-dir")
+            .arg(&env.state);
+        let out = run_bounded(c, Duration::from_secs(60));
+        assert_eq!(code(&out), 2, "{}", text(&out));
+        assert!(stderr(&out).contains(why), "{why}: {}", text(&out));
+        assert_snapshots_equal(
+            &state_before,
+            &snapshot(&env.state),
+            &format!("a run refused with '{why}' touched the state directory"),
+        );
+    }
+}
