@@ -108,10 +108,15 @@ fn shell_word(text: &str) -> String {
     out
 }
 
-/// Opens the job's hash cache, logging any warning about it. A cache of another pair is
-/// refused (exit 2) and left as it is.
+/// Opens the job's hash cache, logging any warning about it: a dry run reads a private
+/// copy, never the file itself. A cache of another pair is refused (exit 2) and left as it
+/// is.
 pub fn open_cache(cfg: &Config) -> Result<Cache> {
-    let (cache, warnings) = Cache::open(
+    let open = match cfg.dry_run {
+        true => Cache::open_copy,
+        false => Cache::open,
+    };
+    let (cache, warnings) = open(
         &state::file(&cfg.state_dir, &cfg.name, "cache.redb"),
         &cfg.source,
         &cfg.replica,

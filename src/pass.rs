@@ -256,6 +256,7 @@ impl<'a> Pass<'a> {
             Some((target, endpoint)) => {
                 let opts = replica::Options {
                     index: index.clone(),
+                    dry_run: cfg.dry_run,
                     ..replica::Options::default()
                 };
                 let s3 = S3Replica::open(target, endpoint, &opts, opts.index.as_deref()).map_err(
@@ -301,6 +302,7 @@ impl<'a> Pass<'a> {
             endpoint: cfg.s3.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
             index,
             checksum: cfg.checksum,
+            dry_run: cfg.dry_run,
         };
         let replica = replica::open(&cfg.replica, opts).map_err(|e| {
             format!(
@@ -340,10 +342,17 @@ impl<'a> Pass<'a> {
         let t0 = Instant::now();
         let counters = HashCounters::default();
         let snapshot = cache.snapshot();
-        let spill = crate::spill::Spill::new(&self.cfg.state_dir)
+        // A dry run writes nothing into the state directory, not even an unlinked file: its
+        // plan goes to the system's temporary directory.
+        let spill_dir = match self.cfg.dry_run {
+            true => std::env::temp_dir(),
+            false => self.cfg.state_dir.clone(),
+        };
+        let spill = crate::spill::Spill::new(&spill_dir)
             .inspect_err(|e| {
                 log::warn!(
-                    "could not write the plan to the state directory ({}); keeping it in memory",
+                    "could not write the plan to '{}' ({}); keeping it in memory",
+                    show(&spill_dir),
                     reason(e)
                 )
             })
@@ -403,11 +412,13 @@ impl<'a> Pass<'a> {
     }
 
     /// A dry run prints the plan instead of applying it, sorted by path (for one path: in
-    /// the order apply runs its actions).
+    /// the order apply runs its actions), and counts what applying it would do.
     fn dry_run(self, plan: &Plan) -> Outcome {
+        let mut would = crate::model::Counts::default();
         let mut lines: Vec<(RelPath, u8, String)> = plan
             .iter()
             .flat_map(|a| {
+                would += apply::would(&a);
                 let (rel, phase) = (a.rel.clone(), apply::phase(&a));
                 apply::line(&a)
                     .lines()
@@ -420,6 +431,8 @@ impl<'a> Pass<'a> {
             journal::plan_line(format_args!("would {line}"));
         }
         let mut this = self;
+        // The record of a dry run holds what applying the plan would have done.
+        this.record.counts += would;
         if plan.read_failed() {
             // Logged when it happened: the plan printed is not the whole plan.
             this.record.counts.errors += 1;
@@ -577,6 +590,37 @@ impl<'a> Pass<'a> {
 fn summary(o: Outcome) -> Outcome {
     let r = &o.record;
     let c = &r.counts;
+    if r.dry_run {
+        journal::schedule(format_args!(
+            "PASS END {} (dry run) in {:.3}s (scan {:.3}s, {} entries read): would create {}, update {}, \
+             drift {}, delete {}, move {}, meta {}, links {}, hard links {}, dirs {}, copy {} bytes; \
+             hashed {} files / {} bytes, errors {}, skipped {}{}{}",
+            r.result,
+            r.duration_ms as f64 / 1000.0,
+            r.scan_us as f64 / 1e6,
+            c.entries_read,
+            c.created,
+            c.updated,
+            c.drifted,
+            c.deleted,
+            c.moved,
+            c.meta,
+            c.links,
+            c.hard_links,
+            c.dirs_created,
+            c.bytes_copied,
+            c.hashed_files,
+            c.hashed_bytes,
+            c.errors,
+            c.skipped,
+            r.requests
+                .as_ref()
+                .map(|q| format!(", requests {q}"))
+                .unwrap_or_default(),
+            r.reason.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
+        ));
+        return o;
+    }
     journal::schedule(format_args!(
         "PASS END {} in {:.3}s (scan {:.3}s, {} entries read): created {}, updated {}, drift {}, deleted {}, moved {}, meta {}, links {}, hard links {}, dirs {}, \
          copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}{}",

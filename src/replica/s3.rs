@@ -507,7 +507,15 @@ impl S3Replica {
             down: OnceLock::new(),
         };
         if let Some(path) = index {
-            me.index = Some(open_index(path, &target.url())?);
+            me.index = match opts.dry_run {
+                // A private copy (its writes stay in memory): the file is never created or
+                // changed, and an index of another bucket is not used.
+                true => crate::state::peek::copy(path)
+                    .ok()
+                    .flatten()
+                    .filter(|db| index_url(db).as_deref() == Some(target.url().as_str())),
+                false => Some(open_index(path, &target.url())?),
+            };
         }
         me.list_all()?;
         Ok(me)
@@ -1143,6 +1151,14 @@ fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Opera
                 .with_jitter(),
         );
     Ok(op)
+}
+
+/// The bucket URL an index was made for.
+fn index_url(db: &redb::Database) -> Option<String> {
+    let txn = db.begin_read().ok()?;
+    let info = txn.open_table(INFO).ok()?;
+    let url = info.get("url").ok()??;
+    Some(url.value().to_string())
 }
 
 fn open_index(path: &Path, url: &str) -> io::Result<redb::Database> {

@@ -410,7 +410,7 @@ fn read_info(db: &Database) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), String
 }
 
 impl Cache {
-    /// A cache that remembers nothing (dry runs, or when the database is held elsewhere).
+    /// A cache that remembers nothing (no database, or one held elsewhere).
     pub fn disabled() -> Cache {
         Cache {
             db: None,
@@ -463,22 +463,56 @@ impl Cache {
                 }
             }
         };
-        let mut cache = Cache {
+        Cache {
             db,
             path: path.to_path_buf(),
-        };
-        match cache.claim(source, replica, &mut warnings) {
+        }
+        .claimed(source, replica, warnings)
+    }
+
+    /// A dry run's cache: a private copy of the database at `path`, read like the real one
+    /// and never written (see `peek::copy`: its writes stay in memory), so the file is
+    /// neither created nor changed, and it works while the job's daemon holds the cache.
+    /// No file: an empty cache. A cache of another pair is refused as by `open`.
+    pub fn open_copy(
+        path: &Path,
+        source: &Path,
+        replica: &Path,
+    ) -> Result<(Cache, Vec<String>), Foreign> {
+        let mut warnings = Vec::new();
+        let db = super::peek::copy(path).unwrap_or_else(|e| {
+            warnings.push(format!(
+                "hash cache '{}' could not be read ({e}); this dry run hashes without it",
+                show(path)
+            ));
+            None
+        });
+        Cache {
+            db,
+            path: path.to_path_buf(),
+        }
+        .claimed(source, replica, warnings)
+    }
+
+    /// The cache once `claim`ed, with the warnings to log; or `Foreign`.
+    fn claimed(
+        mut self,
+        source: &Path,
+        replica: &Path,
+        mut warnings: Vec<String>,
+    ) -> Result<(Cache, Vec<String>), Foreign> {
+        match self.claim(source, replica, &mut warnings) {
             Ok(()) => {}
             Err(Claim::Foreign(f)) => return Err(f),
             Err(Claim::Db(e)) => {
                 warnings.push(format!(
                     "hash cache '{}': {e}; running without it",
-                    show(path)
+                    show(&self.path)
                 ));
-                cache.db = None;
+                self.db = None;
             }
         }
-        Ok((cache, warnings))
+        Ok((self, warnings))
     }
 
     fn open_db(path: &Path) -> Result<Database, OpenError> {

@@ -786,3 +786,28 @@ fn checksum_compares_the_source_with_the_sha256_stored_in_each_object() {
     assert!(head >= 30, "one HEAD per object: {head}");
     assert_eq!((get, put), (0, 1));
 }
+
+/// A dry run reads the index and writes no state (issue 23): with no state yet it makes
+/// none, and an idle one makes no HEAD, hashes nothing, and leaves every file as it was.
+#[test]
+fn a_dry_run_reads_the_index_and_writes_no_state() {
+    let Some(s) = server() else { return };
+    let job = Job::new(s, "dry-index");
+    fill(&job.env.src);
+    let out = job.run(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        !job.env.state.exists(),
+        "a dry run made the state directory"
+    );
+    let_source_age_past_racy_window(&job.env.src);
+    job.ok(&[]);
+    let before = snapshot(&job.env.state);
+    let out = job.run(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let end = said.lines().find(|l| l.contains("PASS END")).unwrap_or("");
+    assert!(end.contains("hashed 0 files / 0 bytes"), "{said}");
+    assert!(end.contains(", head 0, get 0, put 0, delete 0"), "{said}");
+    assert!(snapshot(&job.env.state) == before, "a dry run wrote state");
+}

@@ -1,6 +1,7 @@
 //! A job's state (issue 23): it belongs to one source/replica pair, and a run that names
 //! another pair under the same job is refused before it touches anything; `forget` frees a
-//! stopped job's name; the state directory is private (0700, files 0600).
+//! stopped job's name; the state directory is private (0700, files 0600); a dry run reads
+//! the cache, writes nothing and counts what it would do, even beside the job's daemon.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -348,4 +349,111 @@ fn a_run_that_fails_its_root_checks_touches_no_state_file() {
             &format!("a run refused with '{why}' touched the state directory"),
         );
     }
+}
+
+/// The `PASS END` line a dry run printed.
+fn dry_end(out: &std::process::Output) -> String {
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    said.lines()
+        .find(|l| l.contains("PASS END ok (dry run)"))
+        .unwrap_or_else(|| panic!("no dry-run PASS END in:\n{}", text(out)))
+        .to_string()
+}
+
+#[test]
+fn an_idle_dry_run_hashes_nothing_writes_nothing_and_works_beside_the_daemon() {
+    let env = Env::new();
+    // A dry run of a job that never ran makes no state directory.
+    gen_tree(&env.src, 2306, 60);
+    let out = env.monoshot(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(!env.state.exists(), "a dry run made the state directory");
+
+    let_source_age_past_racy_window(&env.src);
+    env.mirror_ok(&[]);
+    let state = snapshot(&env.state);
+    let out = env.monoshot(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let end = dry_end(&out);
+    assert_eq!(hashed(&end), (0, 0), "{end}");
+    assert!(
+        end.contains("would create 0, update 0, drift 0, delete 0, move 0,"),
+        "{end}"
+    );
+    assert_snapshots_equal(&state, &snapshot(&env.state), "an idle dry run wrote state");
+
+    // What it would do is counted: two files created, one updated, one deleted, one moved.
+    write(&env.src.join("new-1"), b"one");
+    write(&env.src.join("new-2"), b"two");
+    let f = walkdir::WalkDir::new(&env.src)
+        .sort_by_file_name()
+        .into_iter()
+        .map(|e| e.expect("walk"))
+        .filter(|e| e.file_type().is_file() && e.metadata().expect("stat").len() > 10)
+        .map(|e| e.path().to_path_buf())
+        .collect::<Vec<_>>();
+    let mut grown = fs::read(&f[0]).expect("read");
+    grown.push(b'!');
+    fs::write(&f[0], grown).expect("write");
+    fs::remove_file(&f[1]).expect("rm");
+    fs::rename(&f[2], env.src.join("moved-here")).expect("mv");
+    let replica = snapshot(&env.rep);
+    let out = env.monoshot(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let end = dry_end(&out);
+    assert!(
+        end.contains("would create 2, update 1, drift 0, delete 1, move 1,"),
+        "{end}"
+    );
+    assert_snapshots_equal(&state, &snapshot(&env.state), "a dry run wrote state");
+    assert_snapshots_equal(
+        &replica,
+        &snapshot(&env.rep),
+        "a dry run changed the replica",
+    );
+    // A real pass does what the dry run said.
+    let out = env.mirror_ok(&[]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("created 2, updated 1, drift 0, deleted 1, moved 1,"),
+        "{said}"
+    );
+
+    // Beside the job's daemon, which holds the replica and the cache: it works, says it
+    // may be out of date, still hashes nothing, and writes nothing.
+    let _stop = StopAll(&env.state);
+    let_source_age_past_racy_window(&env.src);
+    let out = env
+        .command("start")
+        .args(["--interval", "1h"])
+        .output()
+        .expect("start");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // Only a daemon's status names a next pass, written once its pass has ended.
+    let passed = wait_for(Duration::from_secs(20), || {
+        let st = fs::read_to_string(env.state.join("default.status.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&st).unwrap_or_default();
+        v["next_pass"].is_string()
+    });
+    assert!(
+        passed,
+        "the daemon did not record a pass:\n{}\n{}",
+        fs::read_to_string(env.state.join("default.status.json")).unwrap_or_default(),
+        env.schedule_log()
+    );
+    let state = snapshot(&env.state);
+    let out = env.monoshot(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("is in use by another pass (daemon pid")
+            && stderr(&out).contains("this dry run may be out of date"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(hashed(&dry_end(&out)), (0, 0), "{}", dry_end(&out));
+    assert_snapshots_equal(
+        &state,
+        &snapshot(&env.state),
+        "a dry run beside the daemon wrote state",
+    );
 }
