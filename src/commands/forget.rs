@@ -1,5 +1,5 @@
-//! `syncer forget`: removes a stopped job's state (hash cache, S3 index, status, start files,
-//! a stale PID file), so that its name can serve another source/replica pair. A running job
+//! `syncer forget`: removes a stopped job's state (hash cache, S3 index, status, start and
+//! stopping files, a stale PID file), so that its name can serve another source/replica pair. A running job
 //! is refused (exit 4), whether it is a daemon (its PID file is locked) or a monoshot (it
 //! holds its cache open). Logs are the job's history, not its state: they are kept unless
 //! `--logs` is given, and a log outside the state directory is never touched.
@@ -17,12 +17,13 @@ use crate::state::{self, lock};
 use crate::{job, term};
 
 /// The job's state, by suffix: what `forget` removes.
-const STATE: [&str; 6] = [
+const STATE: [&str; 7] = [
     "cache.redb",
     "s3index.redb",
     "status.json",
     "start",
     "start-error",
+    "stopping",
     "pid",
 ];
 

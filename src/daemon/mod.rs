@@ -360,7 +360,7 @@ fn report_when_stopping(path: std::path::PathBuf) {
             }
             loop {
                 let what = cancel::current().unwrap_or_else(|| "finishing the pass".into());
-                let _ = fs::write(&path, format!("{what}\n"));
+                let _ = state::write_private(&path, &format!("{what}\n"));
                 std::thread::sleep(Duration::from_secs(1));
             }
         });
