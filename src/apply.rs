@@ -131,6 +131,37 @@ pub fn line(action: &Action) -> String {
     }
 }
 
+/// What applying `action` would count, as `one` and its helpers count it when it succeeds
+/// (a dry run's summary).
+pub fn would(action: &Action) -> Counts {
+    let mut c = Counts::default();
+    match &action.op {
+        Op::Copy { reason, size, .. } => {
+            match reason {
+                Reason::Create => c.created = 1,
+                Reason::Update => c.updated = 1,
+                Reason::Drift => c.drifted = 1,
+            }
+            c.bytes_copied = *size;
+        }
+        Op::Link(l) => {
+            c.links = 1;
+            c.created = u64::from(l.reason == Reason::Create);
+        }
+        Op::Meta { .. } => c.meta = 1,
+        Op::HardLink { overwrites, .. } => {
+            c.hard_links = 1;
+            c.created = u64::from(!overwrites);
+        }
+        Op::Delete { entries, .. } => c.deleted = *entries,
+        Op::Mkdir => c.dirs_created = 1,
+        Op::Move(_) => c.moved = 1,
+        Op::MoveDir(d) => c.moved = d.files.len() as u64,
+        Op::DirMeta { .. } => {}
+    }
+    c
+}
+
 /// A file renamed into place: its `MOVE old -> new` line, and its count.
 fn moved(to: &RelPath, m: &MoveSpec) -> Applied {
     journal::action(

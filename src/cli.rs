@@ -25,6 +25,9 @@ pub enum Command {
     Stop(StopArgs),
     /// Show the state of a job.
     Status(StatusArgs),
+    /// Forget a stopped job: remove its hash cache, S3 index and status, so that its name
+    /// can serve another source/replica pair.
+    Forget(ForgetArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     Completions(CompletionsArgs),
     /// Print the man page (roff) to stdout.
@@ -114,8 +117,14 @@ pub struct SyncArgs {
     /// Copy a file moved in the source again instead of renaming its replica twin into place.
     #[arg(long)]
     pub no_moves: bool,
-    /// Worker threads [default: one per core].
-    #[arg(long, value_name = "N")]
+    /// Worker threads, 1 to 256 [default: one per core, at most 256; 16 with an s3://
+    /// replica or source].
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+            .range(1..=crate::config::MAX_THREADS as u64)
+    )]
     pub threads: Option<usize>,
     /// More output (debug detail).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
@@ -172,6 +181,20 @@ pub struct StopArgs {
     /// How long to wait for the daemon to exit after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     pub wait: std::time::Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ForgetArgs {
+    /// Job name.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// State directory [default: $XDG_STATE_HOME/syncer or ~/.local/state/syncer].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Also remove the job's logs in the state directory (<name>.io.log, .schedule.log,
+    /// .daemon.log). Logs kept elsewhere (--io-log, --schedule-log) are never touched.
+    #[arg(long)]
+    pub logs: bool,
 }
 
 #[derive(Args, Debug, Clone)]

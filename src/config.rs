@@ -83,6 +83,12 @@ fn glob_error(e: &ignore::Error) -> String {
 /// Default worker threads with an `s3://` replica or source: requests in flight.
 pub const S3_THREADS: usize = 16;
 
+/// The most `--threads` accepts (and the most the default takes on a machine with more
+/// cores). Each worker has its own stack and the pool is built before the first pass: far
+/// beyond this many threads a typo (`--threads 1000000`) would exhaust the machine before
+/// syncer could say anything, and no disk or network gains from more requests in flight.
+pub const MAX_THREADS: usize = 256;
+
 pub struct Config {
     /// Job name (`--name`, default `default`); names the PID, status, cache and log files.
     pub name: String,
@@ -106,7 +112,8 @@ pub struct Config {
     pub guard: Guard,
     /// `--backup-dir`, absolute.
     pub backup_dir: Option<PathBuf>,
-    /// `--threads`; default: one per core.
+    /// `--threads`, 1 to `MAX_THREADS`; default: one per core (at most `MAX_THREADS`), or
+    /// `S3_THREADS` with an object store on either side.
     pub threads: usize,
     /// Mirror extended attributes, ACLs and file capabilities (default; `--no-xattrs`).
     pub xattrs: bool,
@@ -294,12 +301,14 @@ impl Config {
                 &excludes,
             )?),
         };
+        // `--threads` is 1 to MAX_THREADS: `cli` refuses anything else before this runs.
         let threads = match args.threads {
-            Some(0) => return Err(Error::Usage("--threads must be at least 1".into())),
             Some(n) => n,
             // An object store is reached over the network: requests wait, not cores.
             None if s3.is_some() || source_s3.is_some() => S3_THREADS,
-            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            None => std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(MAX_THREADS),
         };
         let verbosity = if args.quiet {
             Verbosity::Quiet

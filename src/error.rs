@@ -38,6 +38,17 @@ pub enum Error {
     },
     #[error("{0}")]
     Busy(String),
+    /// The job's state belongs to another source/replica pair (exit 2): nothing was touched.
+    #[error(
+        "job '{name}' mirrors '{recorded_source}' -> '{recorded_replica}'; use --name to start another job, or '{forget}'"
+    )]
+    ForeignJob {
+        name: String,
+        recorded_source: String,
+        recorded_replica: String,
+        /// The command that frees the name.
+        forget: String,
+    },
     #[error("{0}")]
     Refused(String),
     /// stdout was closed by its reader: the command stopped writing (see `term`); no message.
@@ -62,7 +73,7 @@ impl Error {
 
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Usage(_) | Error::Io { .. } => ExitCode::Usage,
+            Error::Usage(_) | Error::Io { .. } | Error::ForeignJob { .. } => ExitCode::Usage,
             Error::Busy(_) => ExitCode::Busy,
             Error::Refused(_) => ExitCode::Refused,
             Error::Closed => ExitCode::Ok,

@@ -11,7 +11,7 @@
 //! progress bar. simplelog's `WriteLogger` owns one writer and formats each record on its
 //! own, so all of that would still be written here, around it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -62,13 +62,10 @@ impl Sink {
 
 fn open_append(path: &Path) -> Option<BufWriter<File>> {
     if let Some(parent) = path.parent() {
-        let _ = std::fs::create_dir_all(parent);
+        let _ = crate::state::create_dir(parent);
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .ok()?;
+    // Owner-only: a log names every path the job backs up.
+    let file = crate::state::private().append(true).open(path).ok()?;
     Some(BufWriter::with_capacity(64 << 10, file))
 }
 

@@ -12,6 +12,7 @@ fn main() -> std::process::ExitCode {
         Command::Start(a) => commands::start::run(a),
         Command::Stop(a) => commands::stop::run(a),
         Command::Status(a) => commands::status::run(a),
+        Command::Forget(a) => commands::forget::run(a),
         Command::Completions(a) => commands::generate::completions(a),
         Command::Manpage => commands::generate::manpage(),
     };

@@ -49,7 +49,54 @@ pub struct Outcome {
 
 /// Runs one pass. `progress`: show a progress bar (the caller checked for a TTY).
 pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
-    Pass::new(cfg, cache).run(progress)
+    Pass::new(cfg).run(cache, progress)
+}
+
+/// A pass whose first stage passed: the roots are checked and both trees are open.
+pub struct Checked<'a> {
+    pass: Pass<'a>,
+    trees: Trees,
+}
+
+/// Why the first stage did not pass.
+pub enum NotChecked<'a> {
+    /// A bad root: the one-line reason (exit 2), not yet logged.
+    Failed(String),
+    /// SIGTERM/SIGINT while a root was being reached (a stalled server): the pass, to be
+    /// recorded as interrupted (`Interrupted::record`).
+    Interrupted(Interrupted<'a>),
+}
+
+/// A pass interrupted in its first stage.
+pub struct Interrupted<'a>(Box<Pass<'a>>);
+
+impl Interrupted<'_> {
+    /// Logs the pass as started and interrupted; its outcome (exit 1).
+    pub fn record(self) -> Outcome {
+        let pass = *self.0;
+        pass.start_line();
+        pass.interrupted()
+    }
+}
+
+/// Runs the first stage of a pass on its own, for a caller that opens the job's state only
+/// once the roots are known to be good (monoshot: a run that fails here touches no state
+/// file).
+pub fn check(cfg: &Config) -> Result<Checked<'_>, NotChecked<'_>> {
+    let mut pass = Pass::new(cfg);
+    match pass.check() {
+        Ok(trees) => Ok(Checked { pass, trees }),
+        Err(_) if cancel::requested() => Err(NotChecked::Interrupted(Interrupted(Box::new(pass)))),
+        Err(msg) => Err(NotChecked::Failed(msg)),
+    }
+}
+
+impl Checked<'_> {
+    /// Runs the rest of the pass.
+    pub fn run(self, cache: &Cache, progress: bool) -> Outcome {
+        self.pass.start_line();
+        self.pass.run_checked(self.trees, cache, progress)
+    }
 }
 
 /// What `start` checks before it forks, so that a job that cannot run fails on the caller's
@@ -58,8 +105,7 @@ pub fn run(cfg: &Config, cache: &Cache, progress: bool) -> Outcome {
 /// the replica can be written (one transient entry made and removed). Reads and writes no
 /// state file.
 pub fn preflight(cfg: &Config) -> Result<(), String> {
-    let cache = Cache::disabled();
-    let mut pass = Pass::new(cfg, &cache);
+    let mut pass = Pass::new(cfg);
     pass.probing = true;
     let trees = pass.check()?;
     trees.replica.probe().map_err(|e| {
@@ -81,13 +127,13 @@ pub struct Watching<'a> {
 
 /// Runs a pass in watch mode.
 pub fn run_watching(cfg: &Config, cache: &Cache, progress: bool, w: Watching<'_>) -> Outcome {
-    let mut pass = Pass::new(cfg, cache);
+    let mut pass = Pass::new(cfg);
     pass.watcher = Some(w.watcher);
     if let Some((dirty, whole)) = w.partial {
         pass.scope = Some(dirty);
         pass.whole_replica = whole;
     }
-    pass.run(progress)
+    pass.run(cache, progress)
 }
 
 /// The two trees, opened for this pass.
@@ -105,7 +151,6 @@ struct Trees {
 
 struct Pass<'a> {
     cfg: &'a Config,
-    cache: &'a Cache,
     t0: Instant,
     started: SystemTime,
     started_ns: i64,
@@ -123,11 +168,10 @@ struct Pass<'a> {
 }
 
 impl<'a> Pass<'a> {
-    fn new(cfg: &'a Config, cache: &'a Cache) -> Pass<'a> {
+    fn new(cfg: &'a Config) -> Pass<'a> {
         let started = SystemTime::now();
         Pass {
             cfg,
-            cache,
             t0: Instant::now(),
             started,
             started_ns: started
@@ -147,7 +191,7 @@ impl<'a> Pass<'a> {
         }
     }
 
-    fn run(mut self, progress: bool) -> Outcome {
+    fn start_line(&self) {
         let cfg = self.cfg;
         journal::schedule(format_args!(
             "PASS START source '{}' replica '{}'{}",
@@ -155,16 +199,25 @@ impl<'a> Pass<'a> {
             show(&cfg.replica),
             if cfg.dry_run { " (dry run)" } else { "" }
         ));
-        let trees = match self.check() {
-            Ok(t) => t,
+    }
+
+    fn run(mut self, cache: &Cache, progress: bool) -> Outcome {
+        self.start_line();
+        match self.check() {
+            Ok(trees) => self.run_checked(trees, cache, progress),
             // SIGTERM while a root was being reached (a stalled server): not a bad root.
-            Err(_) if cancel::requested() => return self.interrupted(),
+            Err(_) if cancel::requested() => self.interrupted(),
             Err(msg) => {
                 log::error!("{msg}");
-                return self.end("failed", ExitCode::Usage, Some(msg));
+                self.end("failed", ExitCode::Usage, Some(msg))
             }
-        };
-        let mut scanned = self.scan(&trees);
+        }
+    }
+
+    /// 2–7, once the roots are checked and the trees open.
+    fn run_checked(mut self, trees: Trees, cache: &Cache, progress: bool) -> Outcome {
+        let cfg = self.cfg;
+        let mut scanned = self.scan(&trees, cache);
         if cancel::requested() {
             return self.interrupted();
         }
@@ -181,7 +234,7 @@ impl<'a> Pass<'a> {
         if cfg.dry_run {
             return self.dry_run(&scanned.plan);
         }
-        self.apply_and_commit(&trees, scanned, progress)
+        self.apply_and_commit(&trees, cache, scanned, progress)
     }
 
     /// The backup folder of this pass: milliseconds, so two passes within one second never
@@ -203,6 +256,7 @@ impl<'a> Pass<'a> {
             Some((target, endpoint)) => {
                 let opts = replica::Options {
                     index: index.clone(),
+                    dry_run: cfg.dry_run,
                     ..replica::Options::default()
                 };
                 let s3 = S3Replica::open(target, endpoint, &opts, opts.index.as_deref()).map_err(
@@ -248,6 +302,7 @@ impl<'a> Pass<'a> {
             endpoint: cfg.s3.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
             index,
             checksum: cfg.checksum,
+            dry_run: cfg.dry_run,
         };
         let replica = replica::open(&cfg.replica, opts).map_err(|e| {
             format!(
@@ -283,14 +338,21 @@ impl<'a> Pass<'a> {
     }
 
     /// 2–4. Scan, compare and plan; report what could not be read.
-    fn scan(&mut self, trees: &Trees) -> Scanned {
+    fn scan(&mut self, trees: &Trees, cache: &Cache) -> Scanned {
         let t0 = Instant::now();
         let counters = HashCounters::default();
-        let snapshot = self.cache.snapshot();
-        let spill = crate::spill::Spill::new(&self.cfg.state_dir)
+        let snapshot = cache.snapshot();
+        // A dry run writes nothing into the state directory, not even an unlinked file: its
+        // plan goes to the system's temporary directory.
+        let spill_dir = match self.cfg.dry_run {
+            true => std::env::temp_dir(),
+            false => self.cfg.state_dir.clone(),
+        };
+        let spill = crate::spill::Spill::new(&spill_dir)
             .inspect_err(|e| {
                 log::warn!(
-                    "could not write the plan to the state directory ({}); keeping it in memory",
+                    "could not write the plan to '{}' ({}); keeping it in memory",
+                    show(&spill_dir),
                     reason(e)
                 )
             })
@@ -300,7 +362,7 @@ impl<'a> Pass<'a> {
         let scopes = self.scope.as_ref().filter(|d| !d.all).map(|d| d.scopes());
         let commit = || trees.replica.commit();
         let settled = (!self.cfg.dry_run && trees.rep_root.is_some())
-            .then(|| crate::state::cache::Settled::new(self.cache, &commit));
+            .then(|| crate::state::cache::Settled::new(cache, &commit));
         let ctx = Ctx {
             compare: Compare {
                 source: trees.source.as_ref(),
@@ -350,11 +412,13 @@ impl<'a> Pass<'a> {
     }
 
     /// A dry run prints the plan instead of applying it, sorted by path (for one path: in
-    /// the order apply runs its actions).
+    /// the order apply runs its actions), and counts what applying it would do.
     fn dry_run(self, plan: &Plan) -> Outcome {
+        let mut would = crate::model::Counts::default();
         let mut lines: Vec<(RelPath, u8, String)> = plan
             .iter()
             .flat_map(|a| {
+                would += apply::would(&a);
                 let (rel, phase) = (a.rel.clone(), apply::phase(&a));
                 apply::line(&a)
                     .lines()
@@ -367,6 +431,8 @@ impl<'a> Pass<'a> {
             journal::plan_line(format_args!("would {line}"));
         }
         let mut this = self;
+        // The record of a dry run holds what applying the plan would have done.
+        this.record.counts += would;
         if plan.read_failed() {
             // Logged when it happened: the plan printed is not the whole plan.
             this.record.counts.errors += 1;
@@ -379,7 +445,13 @@ impl<'a> Pass<'a> {
     /// chunk is copied, so the copy never waits for the disk; at most one finished chunk
     /// waits for its commit. The chunk's cache records are prepared during its commit and
     /// committed after it.
-    fn apply_and_commit(mut self, trees: &Trees, mut scanned: Scanned, progress: bool) -> Outcome {
+    fn apply_and_commit(
+        mut self,
+        trees: &Trees,
+        cache: &Cache,
+        mut scanned: Scanned,
+        progress: bool,
+    ) -> Outcome {
         let cfg = self.cfg;
         let replica = trees.replica.as_ref();
         let bar = progress.then(|| progress_bar(&scanned.plan));
@@ -403,7 +475,6 @@ impl<'a> Pass<'a> {
                 reason(&e)
             )
         };
-        let cache = self.cache;
         type Chunk = (Vec<(RelPath, Written)>, Vec<Fixed>);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(1);
         let (done, drafts, mut sync_error): (Applied, _, Option<String>) =
@@ -519,6 +590,37 @@ impl<'a> Pass<'a> {
 fn summary(o: Outcome) -> Outcome {
     let r = &o.record;
     let c = &r.counts;
+    if r.dry_run {
+        journal::schedule(format_args!(
+            "PASS END {} (dry run) in {:.3}s (scan {:.3}s, {} entries read): would create {}, update {}, \
+             drift {}, delete {}, move {}, meta {}, links {}, hard links {}, dirs {}, copy {} bytes; \
+             hashed {} files / {} bytes, errors {}, skipped {}{}{}",
+            r.result,
+            r.duration_ms as f64 / 1000.0,
+            r.scan_us as f64 / 1e6,
+            c.entries_read,
+            c.created,
+            c.updated,
+            c.drifted,
+            c.deleted,
+            c.moved,
+            c.meta,
+            c.links,
+            c.hard_links,
+            c.dirs_created,
+            c.bytes_copied,
+            c.hashed_files,
+            c.hashed_bytes,
+            c.errors,
+            c.skipped,
+            r.requests
+                .as_ref()
+                .map(|q| format!(", requests {q}"))
+                .unwrap_or_default(),
+            r.reason.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
+        ));
+        return o;
+    }
     journal::schedule(format_args!(
         "PASS END {} in {:.3}s (scan {:.3}s, {} entries read): created {}, updated {}, drift {}, deleted {}, moved {}, meta {}, links {}, hard links {}, dirs {}, \
          copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}{}",

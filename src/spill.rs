@@ -1,6 +1,6 @@
 //! A plan's actions on disk, so that a pass's memory does not grow with the number of
 //! changes: the scan appends each directory's actions to an unlinked temporary file in the
-//! state directory as it goes, and the later stages read them back, one streaming read per
+//! state directory (a dry run's: in the system's temporary directory) as it goes, and the later stages read them back, one streaming read per
 //! phase (see `apply`). A first mirror of a million files holds a few thousand actions in
 //! memory at a time instead of a million.
 //!
@@ -102,7 +102,8 @@ impl Spill {
     fn fail(&self, e: &io::Error) {
         if !self.failed.swap(true, Ordering::Relaxed) {
             log::warn!(
-                "could not write the plan to the state directory ({}); keeping it in memory",
+                "could not write the plan to '{}' ({}); keeping it in memory",
+                crate::model::show(&self.dir),
                 crate::error::reason(e)
             );
         }

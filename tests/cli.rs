@@ -23,5 +23,7 @@ mod s3;
 mod safety;
 #[path = "cli/security.rs"]
 mod security;
+#[path = "cli/state.rs"]
+mod state;
 #[path = "cli/watch.rs"]
 mod watch;

@@ -2,7 +2,7 @@
 //! `--foreground`, run the loop here). The caller gets exit 0 only once the daemon holds its
 //! PID file; a bad argument or a running job is reported on the caller's terminal.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +28,8 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
             "--watch needs a local source (an s3:// source cannot be watched)".into(),
         ));
     }
-    fs::create_dir_all(&cfg.state_dir)
+    crate::job::check_pair(&cfg)?;
+    state::create_dir(&cfg.state_dir)
         .map_err(|e| Error::io("create state directory", &cfg.state_dir, e))?;
     let pid_path = state::file(&cfg.state_dir, &cfg.name, "pid");
     if let Some(text) = lock::holder(&pid_path) {
@@ -62,8 +63,7 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
     );
     let log_path = state::file(&cfg.state_dir, &cfg.name, "daemon.log");
     let open_log = || {
-        OpenOptions::new()
-            .create(true)
+        state::private()
             .append(true)
             .open(&log_path)
             .map_err(|e| Error::io("open daemon log", &log_path, e))
@@ -80,9 +80,9 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
         Outcome::Parent(Err(e)) => Err(Error::Usage(format!("could not start the daemon: {e}"))),
         Outcome::Child(Ok(_)) => Ok(daemon::run(&cfg, &nonce, false)),
         Outcome::Child(Err(e)) => {
-            let _ = fs::write(
+            let _ = state::write_private(
                 &error_path,
-                format!(
+                &format!(
                     "{nonce} {} could not daemonize: {e}\n",
                     ExitCode::Usage as i32
                 ),

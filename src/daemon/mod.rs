@@ -56,9 +56,9 @@ fn lock_pid_file(path: &std::path::Path) -> std::io::Result<Result<lock::Held, S
 /// [`start_error`]).
 fn fail(cfg: &Config, nonce: &str, foreground: bool, code: ExitCode, msg: &str) -> ExitCode {
     if !foreground {
-        let _ = fs::write(
-            state::file(&cfg.state_dir, &cfg.name, "start-error"),
-            format!("{nonce} {} {msg}\n", code as i32),
+        let _ = state::write_private(
+            &state::file(&cfg.state_dir, &cfg.name, "start-error"),
+            &format!("{nonce} {} {msg}\n", code as i32),
         );
     }
     crate::term::err(format_args!("{msg}"));
@@ -143,7 +143,13 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     };
     journal::open_files(&cfg.io_log, &cfg.schedule_log);
     job::build_pool(cfg.threads);
-    let cache = job::open_cache(cfg);
+    let cache = match job::open_cache(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = fs::remove_file(&pid_path);
+            return fail(cfg, nonce, foreground, e.exit_code(), &e.to_string());
+        }
+    };
     let interval = cfg.interval.unwrap_or(Duration::from_secs(300));
     let mut st = job::base_status(cfg);
     if let Some(old) = status::read(&cfg.state_dir, &cfg.name) {
@@ -166,7 +172,7 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     let written = if nonce.is_empty() {
         Ok(())
     } else {
-        fs::write(&start_path, start_text(pid, nonce))
+        state::write_private(&start_path, &start_text(pid, nonce))
             .map_err(|e| format!("could not write '{}': {e}", show(&start_path)))
     }
     .and_then(|()| {
@@ -354,7 +360,7 @@ fn report_when_stopping(path: std::path::PathBuf) {
             }
             loop {
                 let what = cancel::current().unwrap_or_else(|| "finishing the pass".into());
-                let _ = fs::write(&path, format!("{what}\n"));
+                let _ = state::write_private(&path, &format!("{what}\n"));
                 std::thread::sleep(Duration::from_secs(1));
             }
         });

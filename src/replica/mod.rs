@@ -260,6 +260,9 @@ pub struct Options {
     /// `--checksum`: an object store's stored hashes are read from the objects themselves
     /// (one HEAD each), not from the local index.
     pub checksum: bool,
+    /// A dry run: an object store's local index is read from a private copy, never created
+    /// or written.
+    pub dry_run: bool,
 }
 
 /// Whether `path` names a replica on another machine (reached over the network, so a

@@ -520,7 +520,15 @@ impl S3Replica {
             down: OnceLock::new(),
         };
         if let Some(path) = index {
-            me.index = Some(open_index(path, &target.url())?);
+            me.index = match opts.dry_run {
+                // A private copy (its writes stay in memory): the file is never created or
+                // changed, and an index of another bucket is not used.
+                true => crate::state::peek::copy(path)
+                    .ok()
+                    .flatten()
+                    .filter(|db| index_url(db).as_deref() == Some(target.url().as_str())),
+                false => Some(open_index(path, &target.url())?),
+            };
         }
         me.list_all()?;
         if let (Some(db), false) = (&me.index, me.dry) {
@@ -1184,8 +1192,24 @@ fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Opera
     Ok(op)
 }
 
+/// The bucket URL an index was made for.
+fn index_url(db: &redb::Database) -> Option<String> {
+    let txn = db.begin_read().ok()?;
+    let info = txn.open_table(INFO).ok()?;
+    let url = info.get("url").ok()??;
+    Some(url.value().to_string())
+}
+
 fn open_index(path: &Path, url: &str) -> io::Result<redb::Database> {
-    let db = redb::Database::create(path).map_err(io::Error::other)?;
+    // Created owner-only: the index names every object of the replica.
+    let file = crate::state::private()
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    let db = redb::Builder::new()
+        .create_file(file)
+        .map_err(io::Error::other)?;
     let txn = db.begin_write().map_err(io::Error::other)?;
     {
         let info = txn.open_table(INFO).map_err(io::Error::other)?;

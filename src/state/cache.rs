@@ -12,8 +12,11 @@
 //! bytes plus its name (bincode 1, unmaintained, took 135; with a local replica's version in
 //! fixed-width integers, 105).
 //!
-//! The database also records which source and replica it belongs to (a foreign cache is
-//! cleared, not trusted) and one summary per pass. It is written only after the pass's data
+//! The database also records which source and replica it belongs to, and one summary per
+//! pass. That pair is the job's: a run that names another pair under the same job is refused
+//! before it touches anything (`job::check_pair`, which reads it with `recorded_pair`), and
+//! `Cache::open` refuses it too rather than clear the cache. A cache of another format (an
+//! older syncer) is cleared and rebuilt by hashing. It is written only after the pass's data
 //! is durable. A database that cannot be opened is replaced, with a warning, by a new one.
 
 use std::collections::{BTreeMap, HashMap};
@@ -367,8 +370,47 @@ fn db_err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// The cache belongs to another source/replica pair (the paths as recorded).
+#[derive(Debug)]
+pub struct Foreign {
+    pub source: PathBuf,
+    pub replica: PathBuf,
+}
+
+/// Why a database could not be claimed for a pair.
+enum Claim {
+    Foreign(Foreign),
+    Db(String),
+}
+
+/// The source/replica pair the cache at `path` records, read without writing the file or
+/// waiting for it (see `peek::in_place`). `Ok(None)`: no cache, or one that records no pair;
+/// an error of kind `WouldBlock`: a process has it open.
+pub fn recorded_pair(path: &Path) -> std::io::Result<Option<(PathBuf, PathBuf)>> {
+    let Some(db) = super::peek::in_place(path)? else {
+        return Ok(None);
+    };
+    let (_, owner) = read_info(&db).map_err(std::io::Error::other)?;
+    Ok(owner.as_deref().and_then(split_owner))
+}
+
+/// The `format` and `owner` the database records (`None` each when it records none).
+#[allow(clippy::type_complexity)]
+fn read_info(db: &Database) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), String> {
+    let txn = db.begin_read().map_err(db_err)?;
+    match txn.open_table(INFO) {
+        Ok(t) => {
+            let fmt = t.get("format").map_err(db_err)?.map(|v| v.value().to_vec());
+            let own = t.get("owner").map_err(db_err)?.map(|v| v.value().to_vec());
+            Ok((fmt, own))
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok((None, None)),
+        Err(e) => Err(db_err(e)),
+    }
+}
+
 impl Cache {
-    /// A cache that remembers nothing (dry runs, or when the database is held elsewhere).
+    /// A cache that remembers nothing (no database, or one held elsewhere).
     pub fn disabled() -> Cache {
         Cache {
             db: None,
@@ -377,17 +419,34 @@ impl Cache {
     }
 
     /// Opens (or creates) the cache at `path` for this source and replica. Returns the
-    /// cache and the warnings to log (corrupt or foreign database, database busy).
-    pub fn open(path: &Path, source: &Path, replica: &Path) -> (Cache, Vec<String>) {
+    /// cache and the warnings to log (corrupt database, older format, database busy), or
+    /// `Foreign` if it belongs to another pair (left as it is).
+    pub fn open(
+        path: &Path,
+        source: &Path,
+        replica: &Path,
+    ) -> Result<(Cache, Vec<String>), Foreign> {
         let mut warnings = Vec::new();
-        let db = match Self::open_db(path) {
+        // Another syncer's pair check (`recorded_pair`) holds a shared lock for an instant:
+        // worth a short wait, where running without the cache would hash everything.
+        let mut tries = 0;
+        let opened = loop {
+            match Self::open_db(path) {
+                Err(OpenError::Busy) if tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        };
+        let db = match opened {
             Ok(db) => Some(db),
             Err(OpenError::Busy) => {
                 warnings.push(format!(
                     "hash cache '{}' is in use by another syncer process; this pass hashes without it",
                     show(path)
                 ));
-                return (Cache::disabled(), warnings);
+                return Ok((Cache::disabled(), warnings));
             }
             Err(OpenError::Other(e)) => {
                 warnings.push(format!(
@@ -404,74 +463,121 @@ impl Cache {
                 }
             }
         };
-        let mut cache = Cache {
+        Cache {
             db,
             path: path.to_path_buf(),
-        };
-        if let Err(e) = cache.claim(source, replica, &mut warnings) {
+        }
+        .claimed(source, replica, warnings)
+    }
+
+    /// A dry run's cache: a private copy of the database at `path`, read like the real one
+    /// and never written (see `peek::copy`: its writes stay in memory), so the file is
+    /// neither created nor changed, and it works while the job's daemon holds the cache.
+    /// No file: an empty cache. A cache of another pair is refused as by `open`.
+    pub fn open_copy(
+        path: &Path,
+        source: &Path,
+        replica: &Path,
+    ) -> Result<(Cache, Vec<String>), Foreign> {
+        let mut warnings = Vec::new();
+        let db = super::peek::copy(path).unwrap_or_else(|e| {
             warnings.push(format!(
-                "hash cache '{}': {e}; running without it",
+                "hash cache '{}' could not be read ({e}); this dry run hashes without it",
                 show(path)
             ));
-            cache.db = None;
+            None
+        });
+        Cache {
+            db,
+            path: path.to_path_buf(),
         }
-        (cache, warnings)
+        .claimed(source, replica, warnings)
+    }
+
+    /// The cache once `claim`ed, with the warnings to log; or `Foreign`.
+    fn claimed(
+        mut self,
+        source: &Path,
+        replica: &Path,
+        mut warnings: Vec<String>,
+    ) -> Result<(Cache, Vec<String>), Foreign> {
+        match self.claim(source, replica, &mut warnings) {
+            Ok(()) => {}
+            Err(Claim::Foreign(f)) => return Err(f),
+            Err(Claim::Db(e)) => {
+                warnings.push(format!(
+                    "hash cache '{}': {e}; running without it",
+                    show(&self.path)
+                ));
+                self.db = None;
+            }
+        }
+        Ok((self, warnings))
     }
 
     fn open_db(path: &Path) -> Result<Database, OpenError> {
-        match Database::builder().set_cache_size(4 << 20).create(path) {
+        // The file is created here, owner-only (it lists every path of the job), and handed
+        // to redb, which would create it with the umask's mode.
+        let file = path
+            .parent()
+            .map_or(Ok(()), super::create_dir)
+            .and_then(|()| {
+                super::private()
+                    .read(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(path)
+            })
+            .map_err(|e| OpenError::Other(e.to_string()))?;
+        match Database::builder()
+            .set_cache_size(4 << 20)
+            .create_file(file)
+        {
             Ok(db) => Ok(db),
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(OpenError::Busy),
             Err(e) => Err(OpenError::Other(e.to_string())),
         }
     }
 
-    /// Makes sure the database belongs to this source and replica; clears it otherwise.
+    /// Makes sure the database belongs to this source and replica: refuses one that records
+    /// another pair (whatever its format: the owner record never changed), and clears one of
+    /// another format or that records no pair.
     fn claim(
         &mut self,
         source: &Path,
         replica: &Path,
         warnings: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Claim> {
         let Some(db) = &self.db else { return Ok(()) };
         let owner = owner_key(source, replica);
-        let current = {
-            let txn = db.begin_read().map_err(db_err)?;
-            match txn.open_table(INFO) {
-                Ok(t) => {
-                    let fmt = t.get("format").map_err(db_err)?.map(|v| v.value().to_vec());
-                    let own = t.get("owner").map_err(db_err)?.map(|v| v.value().to_vec());
-                    Some((fmt, own))
-                }
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(db_err(e)),
-            }
-        };
-        let fresh = match &current {
-            None => true,
-            Some((fmt, own)) => {
-                if fmt.as_deref() != Some(FORMAT) || own.as_deref() != Some(owner.as_slice()) {
-                    warnings.push(format!(
-                        "hash cache '{}' belongs to another source/replica or version; clearing it",
-                        show(&self.path)
-                    ));
-                    true
-                } else {
-                    false
-                }
-            }
-        };
+        let (fmt, own) = read_info(db).map_err(Claim::Db)?;
+        if let Some(other) = own.as_deref().filter(|o| *o != owner.as_slice()) {
+            return match split_owner(other) {
+                Some((source, replica)) => Err(Claim::Foreign(Foreign { source, replica })),
+                None => Err(Claim::Db("its owner record is unreadable".into())),
+            };
+        }
+        let fresh = fmt.as_deref() != Some(FORMAT) || own.is_none();
+        if fresh && fmt.is_some() {
+            warnings.push(format!(
+                "hash cache '{}' was written by another version of syncer; rebuilding it by hashing",
+                show(&self.path)
+            ));
+        }
         if fresh {
-            let txn = db.begin_write().map_err(db_err)?;
-            let _ = txn.delete_table(DIRS);
-            {
-                let mut info = txn.open_table(INFO).map_err(db_err)?;
-                info.insert("format", FORMAT).map_err(db_err)?;
-                info.insert("owner", owner.as_slice()).map_err(db_err)?;
-                txn.open_table(DIRS).map_err(db_err)?;
-                txn.open_table(PASSES).map_err(db_err)?;
-            }
-            txn.commit().map_err(db_err)?;
+            let reset = || -> Result<(), String> {
+                let txn = db.begin_write().map_err(db_err)?;
+                let _ = txn.delete_table(DIRS);
+                {
+                    let mut info = txn.open_table(INFO).map_err(db_err)?;
+                    info.insert("format", FORMAT).map_err(db_err)?;
+                    info.insert("owner", owner.as_slice()).map_err(db_err)?;
+                    txn.open_table(DIRS).map_err(db_err)?;
+                    txn.open_table(PASSES).map_err(db_err)?;
+                }
+                txn.commit().map_err(db_err)
+            };
+            reset().map_err(Claim::Db)?;
         }
         Ok(())
     }
@@ -900,12 +1006,21 @@ enum OpenError {
     Other(String),
 }
 
+/// The owner record: the source's path, a NUL (which no path holds), the replica's.
 fn owner_key(source: &Path, replica: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     let mut k = source.as_os_str().as_bytes().to_vec();
     k.push(0);
     k.extend_from_slice(replica.as_os_str().as_bytes());
     k
+}
+
+/// The pair of an owner record.
+fn split_owner(key: &[u8]) -> Option<(PathBuf, PathBuf)> {
+    use std::os::unix::ffi::OsStrExt;
+    let at = key.iter().position(|b| *b == 0)?;
+    let path = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
+    Some((path(&key[..at]), path(&key[at + 1..])))
 }
 
 /// Keys strictly below directory `key`: `key/` up to (not including) `key0` ('0' follows '/').
@@ -979,7 +1094,7 @@ mod tests {
     #[test]
     fn a_large_record_is_stored_in_chunks_of_a_page_and_read_back_whole() {
         let t = tempfile::tempdir().expect("tempdir");
-        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path());
+        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path()).expect("ours");
         let dir = RelPath::from_bytes(b"d");
         let files: Vec<CachedFile> = (0..300)
             .map(|i| {
@@ -1046,6 +1161,57 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_of_another_pair_is_refused_and_left_as_it_is() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let path = t.path().join("c.redb");
+        let (a, b, c) = (Path::new("/src"), Path::new("/rep"), Path::new("/other"));
+        assert_eq!(recorded_pair(&path).expect("read"), None);
+        let (cache, _) = Cache::open(&path, a, b).expect("new");
+        let mut change = BTreeMap::new();
+        change.insert(
+            RelPath::from_bytes(b"d"),
+            DirChange {
+                written: vec![f("x", 1)],
+                fixed: Vec::new(),
+            },
+        );
+        cache
+            .record_chunk(change, &mut HashMap::new())
+            .expect("record");
+        drop(cache);
+        let pair = Some((a.to_path_buf(), b.to_path_buf()));
+        assert_eq!(recorded_pair(&path).expect("read"), pair);
+        let bytes = std::fs::read(&path).expect("read");
+        match Cache::open(&path, a, c) {
+            Err(Foreign { source, replica }) => assert_eq!((source, replica), (a.into(), b.into())),
+            Ok(_) => panic!("a cache of another pair was opened"),
+        }
+        assert!(
+            std::fs::read(&path).expect("read") == bytes,
+            "the cache was written"
+        );
+        // Its own pair still finds its records; another format (an older syncer) is cleared.
+        let (cache, warnings) = Cache::open(&path, a, b).expect("ours");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(cache.snapshot().dir(&RelPath::from_bytes(b"d")).is_some());
+        {
+            let txn = cache.db.as_ref().expect("db").begin_write().expect("write");
+            txn.open_table(INFO)
+                .expect("info")
+                .insert("format", b"syncer-cache-7".as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        drop(cache);
+        let (cache, warnings) = Cache::open(&path, a, b).expect("ours");
+        assert!(warnings[0].contains("another version"), "{warnings:?}");
+        assert!(cache.snapshot().dir(&RelPath::from_bytes(b"d")).is_none());
+        // While a process has it open, it cannot be read in place.
+        let busy = recorded_pair(&path).expect_err("busy");
+        assert_eq!(busy.kind(), std::io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
     fn delta_of_an_unchanged_directory_is_empty() {
         let old = vec![f("a", 1), f("b", 2)];
         assert!(Delta::between(&old, old.clone()).is_empty());
@@ -1069,7 +1235,7 @@ mod tests {
     #[test]
     fn a_chunk_is_recorded_only_once_the_replica_is_durable() {
         let t = tempfile::tempdir().expect("tempdir");
-        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path());
+        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path()).expect("ours");
         let dir = RelPath::from_bytes(b"d");
         let change = |name: &str| {
             let mut c = BTreeMap::new();
@@ -1108,7 +1274,7 @@ mod tests {
     #[test]
     fn an_edit_rewrites_only_the_chunks_of_the_names_it_touches() {
         let t = tempfile::tempdir().expect("tempdir");
-        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path());
+        let (cache, _) = Cache::open(&t.path().join("c.redb"), t.path(), t.path()).expect("ours");
         let dir = RelPath::from_bytes(b"big");
         let file = |i: u64| {
             let mut c = f(&format!("m{i:05}"), 1_000_000 + i);

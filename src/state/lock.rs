@@ -6,7 +6,7 @@
 //!   per replica. monoshot holds it for its pass; a daemon for its whole life.
 //! - The PID file (`<name>.pid`): one daemon per job; locked by the daemon while it runs.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
@@ -41,12 +41,11 @@ impl Held {
 /// the text the holder wrote into the file.
 pub fn try_lock(path: &Path) -> std::io::Result<std::result::Result<Held, String>> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)?;
+        super::create_dir(parent)?;
     }
-    let mut file = OpenOptions::new()
+    let mut file = super::private()
         .read(true)
         .write(true)
-        .create(true)
         .truncate(false)
         .open(path)?;
     match file.try_lock() {
@@ -85,22 +84,47 @@ pub fn replica_lock_path(state_dir: &Path, replica: &Path) -> PathBuf {
     state_dir.join("locks").join(format!("{id}.lock"))
 }
 
+/// The exit-4 error for a replica whose lock `holder` holds (its text).
+fn busy(replica: &Path, holder: &str) -> Error {
+    let holder = if holder.is_empty() {
+        "holder unknown"
+    } else {
+        holder
+    };
+    Error::Busy(format!(
+        "replica '{}' is busy: another pass holds its lock ({holder})",
+        show(replica)
+    ))
+}
+
+/// Fails with exit code 4, as `lock_replica` would, if a process holds the replica's lock
+/// file; takes nothing. For a caller that opens the replica before it takes the lock (an
+/// object store's index would otherwise be found open by the pass that holds it).
+pub fn probe_replica(state_dir: &Path, replica: &Path) -> Result<()> {
+    match holder(&replica_lock_path(state_dir, replica)) {
+        Some(text) => Err(busy(replica, &text)),
+        None => Ok(()),
+    }
+}
+
 /// Takes the replica lock or fails with exit code 4 naming the holder. Besides the lock file
 /// in the state directory, the replica takes its own lock (a local replica: `flock` of its
 /// root directory, which writes nothing into it), so two runs with different `--state-dir`s
 /// cannot write one replica at the same time either.
 pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held> {
     let path = replica_lock_path(state_dir, replica);
-    let busy = |holder: &str| {
-        Error::Busy(format!(
-            "replica '{}' is busy: another pass holds its lock ({holder})",
-            show(replica)
-        ))
-    };
-    let mut held = match try_lock(&path).map_err(|e| Error::io("lock", &path, e))? {
-        Ok(held) => held,
-        Err(text) if text.is_empty() => return Err(busy("holder unknown")),
-        Err(text) => return Err(busy(&text)),
+    // `holder` (a probe by `start`, a dry run, another monoshot) holds the lock for an
+    // instant: a refusal is retried for a short while, as the daemon's PID file is.
+    let mut tries = 0;
+    let mut held = loop {
+        match try_lock(&path).map_err(|e| Error::io("lock", &path, e))? {
+            Ok(held) => break held,
+            Err(_) if tries < 10 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(text) => return Err(busy(replica, &text)),
+        }
     };
     let text = format!("{who} replica {}\n", show(replica));
     held.describe(&text)
@@ -117,7 +141,10 @@ pub fn lock_replica(state_dir: &Path, replica: &Path, who: &str) -> Result<Held>
         match target.lock() {
             Ok(guard) => held._replica = guard,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(busy("a syncer process using another state directory"));
+                return Err(busy(
+                    replica,
+                    "a syncer process using another state directory",
+                ));
             }
             Err(e) => return Err(Error::io("lock", replica, e)),
         }

@@ -71,7 +71,8 @@ pub fn read(state_dir: &Path, name: &str) -> Option<JobStatus> {
 }
 
 pub fn write(state_dir: &Path, status: &JobStatus) -> std::io::Result<()> {
-    fs::create_dir_all(state_dir)?;
+    super::create_dir(state_dir)?;
+    // tempfile creates its files 0600: the status lists the job's paths.
     let mut tmp = tempfile::Builder::new()
         .prefix(".status-")
         .suffix(".tmp")

@@ -1,6 +1,8 @@
 //! The hash cache (issue 4): an idle pass reads no file content, yet no change slips through
-//! it (same-size same-mtime edits, replica drift), and a corrupt or foreign database is never
-//! trusted: it is rebuilt by hashing, with a warning.
+//! it (same-size same-mtime edits, replica drift), and a corrupt database is never trusted:
+//! it is rebuilt by hashing, with a warning. A cache of another source/replica pair is never
+//! trusted either: the run is refused (issue 23), and once the job is forgotten the new pair
+//! starts from nothing.
 
 use std::fs;
 use std::path::Path;
@@ -227,7 +229,7 @@ fn corrupt_cache_database_is_rebuilt_with_a_warning() {
 }
 
 #[test]
-fn cache_of_another_source_and_replica_is_not_trusted() {
+fn cache_of_another_source_and_replica_is_refused_then_forgotten_never_trusted() {
     let env = Env::new();
     gen_tree(&env.src, 44, 80);
     write(&env.src.join("docs/b.txt"), b"bee bee bee");
@@ -242,24 +244,34 @@ fn cache_of_another_source_and_replica_is_not_trusted() {
     fs::rename(&env.src, &src2).expect("mv src");
     fs::rename(&env.rep, &rep2).expect("mv rep");
     same_size_same_mtime_edit(&rep2.join("docs/b.txt"));
-    let out = syncer()
-        .arg("monoshot")
-        .arg("--source")
-        .arg(&src2)
-        .arg("--replica")
-        .arg(&rep2)
-        .arg("--state-dir")
-        .arg(&env.state)
-        .output()
-        .expect("run");
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    assert_trees_equal(&src2, &rep2);
-    let err = stderr(&out);
+    let run = || {
+        syncer()
+            .arg("monoshot")
+            .arg("--source")
+            .arg(&src2)
+            .arg("--replica")
+            .arg(&rep2)
+            .arg("--state-dir")
+            .arg(&env.state)
+            .output()
+            .expect("run")
+    };
+    let out = run();
+    assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(
-        err.contains("cache") && err.contains("another source/replica"),
-        "no warning about a foreign cache:\n{}",
+        stderr(&out).contains("job 'default' mirrors"),
+        "no refusal:\n{}",
         text(&out)
     );
+    let out = syncer()
+        .args(["forget", "--state-dir"])
+        .arg(&env.state)
+        .output()
+        .expect("forget");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let out = run();
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_trees_equal(&src2, &rep2);
     assert_eq!(hashed_in_log(&env).0, 2 * files, "{}", last_pass_end(&env));
 }
 

@@ -1,9 +1,11 @@
 //! Command-line hygiene (issue 15): a reader that goes away never makes syncer panic, and a
 //! monoshot still completes its pass; shell completions and the man page come from the clap
-//! definitions; `status` of a job that never ran says so, with `null`s in JSON.
+//! definitions; `status` of a job that never ran says so, with `null`s in JSON; `--threads`
+//! outside 1..=256 is a usage error before anything starts (issue 23).
 
 use std::os::fd::OwnedFd;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -126,6 +128,7 @@ fn the_man_page_renders_without_warnings_and_names_every_subcommand() {
         "start",
         "stop",
         "status",
+        "forget",
         "completions",
         "manpage",
     ] {
@@ -168,4 +171,36 @@ fn status_of_a_job_that_never_ran_says_so_with_nulls_in_json() {
     }
     assert_eq!(v["running"], false);
     assert_eq!(v["name"], "ghost");
+}
+
+#[test]
+fn threads_outside_1_to_256_is_a_usage_error_before_anything_starts() {
+    let env = Env::new();
+    write(&env.src.join("f"), b"f");
+    for n in ["0", "257", "1000000000", "-1", "many", "", "4.5"] {
+        for sub in ["monoshot", "start"] {
+            let mut cmd = env.command(sub);
+            cmd.args(["--interval", "1h"][..if sub == "start" { 2 } else { 0 }].iter());
+            cmd.arg(format!("--threads={n}"));
+            // A hang bound only: a refused value returns at once.
+            let out = run_bounded(cmd, Duration::from_secs(20));
+            assert_eq!(code(&out), 2, "{sub} --threads '{n}':\n{}", text(&out));
+            let err = stderr(&out);
+            assert!(
+                err.contains("--threads"),
+                "{sub} --threads '{n}' does not name the option:\n{err}"
+            );
+            if n.parse::<u64>().is_ok() {
+                assert!(err.contains("1..=256"), "no range in:\n{err}");
+            }
+            assert!(!env.rep.exists(), "{sub} --threads '{n}' made the replica");
+            assert!(!env.state.exists(), "{sub} --threads '{n}' wrote state");
+        }
+    }
+    // The bounds themselves are accepted.
+    for n in ["1", "256"] {
+        let out = env.monoshot(&["--threads", n]);
+        assert_eq!(code(&out), 0, "--threads {n}:\n{}", text(&out));
+    }
+    assert_trees_equal(&env.src, &env.rep);
 }

@@ -557,6 +557,16 @@ pub fn restore(s: &Server, env: &Env, prefix: &str, into: &Path) -> Output {
     c.output().expect("run syncer")
 }
 
+/// `syncer forget --name restore`: frees the job name `restore` for another pair.
+fn forget_restore(env: &Env) {
+    let out = syncer()
+        .args(["forget", "--name", "restore", "--state-dir"])
+        .arg(&env.state)
+        .output()
+        .expect("forget");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+}
+
 #[test]
 fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
     let Some(s) = server() else { return };
@@ -605,6 +615,8 @@ fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
         ],
     );
     let again = job.env.path("restored-2");
+    // Another target is another pair: the job is forgotten first (issue 23).
+    forget_restore(&job.env);
     let out = restore(s, &job.env, "restore", &again);
     assert_eq!(code(&out), 1, "{}", text(&out));
     assert!(
@@ -623,6 +635,7 @@ fn a_restore_from_the_bucket_recreates_the_tree_exactly() {
 
     // An empty prefix (a typo, a bucket not yet filled) is no source: exit 2, nothing made.
     let none = job.env.path("from-nothing");
+    forget_restore(&job.env);
     let out = restore(s, &job.env, "no-such-prefix", &none);
     assert_eq!(code(&out), 2, "{}", text(&out));
     assert!(
@@ -772,4 +785,29 @@ fn checksum_compares_the_source_with_the_sha256_stored_in_each_object() {
     let (_, head, get, put, _) = requests(&job.env);
     assert!(head >= 30, "one HEAD per object: {head}");
     assert_eq!((get, put), (0, 1));
+}
+
+/// A dry run reads the index and writes no state (issue 23): with no state yet it makes
+/// none, and an idle one makes no HEAD, hashes nothing, and leaves every file as it was.
+#[test]
+fn a_dry_run_reads_the_index_and_writes_no_state() {
+    let Some(s) = server() else { return };
+    let job = Job::new(s, "dry-index");
+    fill(&job.env.src);
+    let out = job.run(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(
+        !job.env.state.exists(),
+        "a dry run made the state directory"
+    );
+    let_source_age_past_racy_window(&job.env.src);
+    job.ok(&[]);
+    let before = snapshot(&job.env.state);
+    let out = job.run(&["--dry-run"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let end = said.lines().find(|l| l.contains("PASS END")).unwrap_or("");
+    assert!(end.contains("hashed 0 files / 0 bytes"), "{said}");
+    assert!(end.contains(", head 0, get 0, put 0, delete 0"), "{said}");
+    assert!(snapshot(&job.env.state) == before, "a dry run wrote state");
 }
