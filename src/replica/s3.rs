@@ -519,7 +519,10 @@ impl S3Replica {
             timeout: endpoint.timeout,
             down: OnceLock::new(),
         };
-        if let Some(path) = index {
+        // A missing index is created only once the bucket answered: a run against a wrong
+        // or unreachable bucket leaves no state file behind.
+        let fresh = index.filter(|p| !opts.dry_run && !p.exists());
+        if let Some(path) = index.filter(|_| fresh.is_none()) {
             me.index = match opts.dry_run {
                 // A private copy (its writes stay in memory): the file is never created or
                 // changed, and an index of another bucket is not used.
@@ -531,6 +534,13 @@ impl S3Replica {
             };
         }
         me.list_all()?;
+        if let Some(path) = fresh {
+            me.index = Some(open_index(path, &target.url())?);
+            let dirs = me.dirs.lock().expect("dirs").clone();
+            if !dirs.is_empty() {
+                me.save_index_dirs(&dirs);
+            }
+        }
         if let (Some(db), false) = (&me.index, me.dry) {
             super::s3_uploads::sweep(&me, db, target, endpoint, started);
         }

@@ -251,6 +251,10 @@ fn a_server_that_never_answers_ends_the_pass_with_a_timeout_naming_the_url() {
         "{err}"
     );
     assert!(err.contains("could not reach replica"), "{err}");
+    assert!(
+        !env.state.join("default.s3index.redb").exists(),
+        "a run that reached no server created the index"
+    );
 
     converge(&proxy, &env, "never");
     assert_eq!(keys(s, "never"), ["f"]);
