@@ -338,6 +338,16 @@ fn other(e: &opendal::Error) -> io::Error {
     io::Error::new(kind, one_line(e))
 }
 
+/// Why [`S3Replica::drive`] gave no answer.
+enum Stopped {
+    /// Not sent: the server is down for this pass, or SIGTERM came first.
+    Before(io::Error),
+    /// Dropped for SIGTERM.
+    Signal,
+    /// Dropped when its budget ran out.
+    Budget,
+}
+
 /// The error of a request abandoned for SIGTERM. Not `ErrorKind::Interrupted`, which means
 /// "try again" to `write_all` and every other std loop.
 fn interrupted() -> io::Error {
@@ -621,44 +631,59 @@ impl S3Replica {
         outcome?.map_err(|e| self.describe(&e))
     }
 
-    /// The one place a request runs (see [`attempt`](Self::attempt)). After SIGTERM, the
-    /// call in flight may still finish within `grace`; the second value says whether it
-    /// ran to its end (neither dropped for the signal nor for the budget).
+    /// An OpenDAL request through [`drive`](Self::drive), bounded by three times
+    /// `--timeout` (its retries included). A timeout marks the server down for the pass.
     fn run<T>(
         &self,
         f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
         what: &str,
         grace: Duration,
     ) -> (io::Result<opendal::Result<T>>, bool) {
-        if let Some(why) = self.down.get() {
-            return (
-                Err(io::Error::new(io::ErrorKind::TimedOut, why.clone())),
-                true,
-            );
-        }
-        if crate::cancel::requested() {
-            return (Err(interrupted()), true);
-        }
         let budget = self.timeout.saturating_mul(3);
-        let rt = self.rt.as_ref().expect("runtime");
-        let _doing = crate::cancel::doing(format!("{what} to {}", self.url));
-        let (outcome, settled) = rt.block_on(async {
-            let call = tokio::time::timeout(budget, f.into_future());
-            tokio::pin!(call);
-            tokio::select! {
-                // Over budget, the call was dropped: not settled.
-                r = &mut call => { let settled = r.is_ok(); (Some(r), settled) }
-                () = cancelled() => (None, !grace.is_zero()
-                    && matches!(tokio::time::timeout(grace, &mut call).await, Ok(Ok(_)))),
-            }
-        });
+        let (outcome, settled) = self.drive(f.into_future(), what, budget, grace);
         let verdict = match outcome {
-            None => Err(interrupted()),
-            Some(Err(_)) => Err(self.went_down()),
-            Some(Ok(Err(e))) if is_timeout(&e) => Err(self.went_down()),
-            Some(Ok(r)) => Ok(r),
+            Err(Stopped::Before(e)) => Err(e),
+            Err(Stopped::Signal) => Err(interrupted()),
+            Err(Stopped::Budget) => Err(self.went_down()),
+            Ok(Err(e)) if is_timeout(&e) => Err(self.went_down()),
+            Ok(r) => Ok(r),
         };
         (verdict, settled)
+    }
+
+    /// The one place a request runs, on this replica's runtime: not at all when the server
+    /// is down or SIGTERM came; else until it ends, `budget` passes, or SIGTERM comes,
+    /// after which the call in flight may still finish within `grace`. The second value
+    /// says whether the call ran to its end (neither dropped for the signal nor for the
+    /// budget). Dropping a call cancels its request on the wire.
+    fn drive<O>(
+        &self,
+        f: impl std::future::Future<Output = O>,
+        what: &str,
+        budget: Duration,
+        grace: Duration,
+    ) -> (Result<O, Stopped>, bool) {
+        if let Some(why) = self.down.get() {
+            let e = io::Error::new(io::ErrorKind::TimedOut, why.clone());
+            return (Err(Stopped::Before(e)), true);
+        }
+        if crate::cancel::requested() {
+            return (Err(Stopped::Before(interrupted())), true);
+        }
+        let rt = self.rt.as_ref().expect("runtime");
+        let _doing = crate::cancel::doing(format!("{what} to {}", self.url));
+        rt.block_on(async {
+            let call = tokio::time::timeout(budget, f);
+            tokio::pin!(call);
+            tokio::select! {
+                r = &mut call => match r {
+                    Ok(o) => (Ok(o), true),
+                    Err(_) => (Err(Stopped::Budget), false),
+                },
+                () = cancelled() => (Err(Stopped::Signal), !grace.is_zero()
+                    && matches!(tokio::time::timeout(grace, &mut call).await, Ok(Ok(_)))),
+            }
+        })
     }
 
     /// [`attempt`](Self::attempt), with the server's error as an `io::Error` in words.
@@ -684,27 +709,15 @@ impl S3Replica {
         matches!(done, Ok(Ok(_)))
     }
 
-    /// Runs a request syncer sends itself (`s3_uploads`: the calls OpenDAL lacks) on this
-    /// replica's runtime, as [`attempt`](Self::attempt) does: bounded by `--timeout` and
-    /// dropped within 50 ms of SIGTERM. One attempt, no retries; its timeout fails only it.
+    /// Runs a request syncer sends itself (`s3_uploads`: the calls OpenDAL lacks) as
+    /// [`attempt`](Self::attempt) does, but one attempt bounded by `--timeout`, no retries;
+    /// its timeout fails only it.
     pub(super) fn run_own<T>(&self, f: impl std::future::Future<Output = T>) -> io::Result<T> {
-        if let Some(why) = self.down.get() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, why.clone()));
-        }
-        if crate::cancel::requested() {
-            return Err(interrupted());
-        }
-        let rt = self.rt.as_ref().expect("runtime");
-        let _doing = crate::cancel::doing(format!("a request to {}", self.url));
-        let outcome = rt.block_on(async {
-            tokio::select! {
-                r = tokio::time::timeout(self.timeout, f) => Some(r),
-                () = cancelled() => None,
-            }
-        });
-        match outcome {
-            None => Err(interrupted()),
-            Some(Err(_)) => Err(io::Error::new(
+        match self.drive(f, "a request", self.timeout, Duration::ZERO).0 {
+            Ok(r) => Ok(r),
+            Err(Stopped::Before(e)) => Err(e),
+            Err(Stopped::Signal) => Err(interrupted()),
+            Err(Stopped::Budget) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "{} timed out after {}",
@@ -712,7 +725,6 @@ impl S3Replica {
                     humantime::format_duration(self.timeout)
                 ),
             )),
-            Some(Ok(r)) => Ok(r),
         }
     }
 
