@@ -48,6 +48,8 @@ const PARTS_IN_FLIGHT: usize = 4;
 /// The object holding every directory's attributes (a name escaped in the tree).
 pub const DIRS_OBJECT: &str = ".syncer-dirs.json";
 const LINK_SUFFIX: &str = ".rclonelink";
+/// Listing entries read under one budget (a ListObjectsV2 page holds 1,000).
+const LIST_BATCH: usize = 1000;
 /// Keys per DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
 
@@ -123,7 +125,16 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// how long the upload's abort may take (SIGTERM must end a pass within seconds, whatever
 /// the server does).
 const GRACE: Duration = Duration::from_secs(2);
-const ABORT_BUDGET: Duration = Duration::from_secs(2);
+const ABORT_BUDGET: Duration = Duration::from_millis(1500);
+
+/// A body (an upload, a ranged download) gets `--timeout` more for each MiB it carries, on
+/// top of the three of any request: a slow link is not a dead one (1 MiB a minute, 17 KiB/s,
+/// at the default), while a stalled transfer still ends in bounded time.
+const BODY_UNIT: u64 = 1 << 20;
+
+/// The bytes one call on a multipart writer may have to move before it returns (the parts
+/// in flight).
+const WRITER_CALL_BYTES: u64 = (PART * PARTS_IN_FLIGHT) as u64;
 
 impl Endpoint {
     /// `--s3-region`, else `AWS_REGION`, else us-east-1.
@@ -302,6 +313,9 @@ pub struct S3Replica {
     /// An operator on the whole bucket (backups, and the directory attributes of an
     /// enclosing prefix). Dropped before the runtime, as `op`.
     bucket: Option<Operator>,
+    /// The operator that moves bodies (uploads, ranged downloads): as `op`, but its timeout
+    /// layer does not cut a body that is still moving (see [`BODY_UNIT`]).
+    bulk: Option<Operator>,
     rt: Option<tokio::runtime::Runtime>,
     target: Target,
     /// Directory → its children, from the one listing made when the replica was opened.
@@ -498,21 +512,26 @@ impl S3Replica {
                     .prefix,
             ),
         };
-        let (op, bucket) = {
+        let (op, bucket, bulk) = {
             let _guard = rt.enter();
             let whole = Target {
                 bucket: target.bucket.clone(),
                 prefix: String::new(),
             };
+            let t = endpoint.timeout;
+            // A body call may run as long as `run` lets it (`body_budget`).
+            let body = t.saturating_mul(3 + (WRITER_CALL_BYTES / BODY_UNIT) as u32);
             (
-                build_operator(target, endpoint).map_err(|e| other(&e))?,
-                build_operator(&whole, endpoint).map_err(|e| other(&e))?,
+                build_operator(target, endpoint, t).map_err(|e| other(&e))?,
+                build_operator(&whole, endpoint, t).map_err(|e| other(&e))?,
+                build_operator(target, endpoint, body).map_err(|e| other(&e))?,
             )
         };
         let mut me = S3Replica {
             op: Some(op),
             backup,
             bucket: Some(bucket),
+            bulk: Some(bulk),
             rt: Some(rt),
             target: target.clone(),
             tree: BTreeMap::new(),
@@ -565,6 +584,18 @@ impl S3Replica {
         self.bucket.as_ref().expect("operator")
     }
 
+    fn bulk(&self) -> &Operator {
+        self.bulk.as_ref().expect("operator")
+    }
+
+    /// How long a call that moves `bytes` of body may take in all, retries included.
+    fn body_budget(&self, bytes: u64) -> Duration {
+        let units = bytes.div_ceil(BODY_UNIT).min(u32::MAX as u64) as u32;
+        self.timeout
+            .saturating_mul(3)
+            .saturating_add(self.timeout.saturating_mul(units))
+    }
+
     /// A sub-prefix of a mirror (the restore of one folder, `s3://BUCKET/PREFIX/SUB`) has no
     /// directory object of its own: its directories' attributes are in the nearest enclosing
     /// prefix's, under `SUB/`. One GET a level up until one is found; `None` if none is.
@@ -614,7 +645,7 @@ impl S3Replica {
         &self,
         f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
     ) -> io::Result<opendal::Result<T>> {
-        self.run(f, "a request", Duration::ZERO).0
+        self.run(f, "a request", Duration::ZERO, 0).0
     }
 
     /// [`attempt`](Self::attempt) for a call on a multipart writer. A writer whose call was
@@ -626,20 +657,21 @@ impl S3Replica {
         f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
         usable: &mut bool,
     ) -> io::Result<T> {
-        let (outcome, settled) = self.run(f, "an upload", GRACE);
+        let (outcome, settled) = self.run(f, "an upload", GRACE, WRITER_CALL_BYTES);
         *usable &= settled;
         outcome?.map_err(|e| self.describe(&e))
     }
 
     /// An OpenDAL request through [`drive`](Self::drive), bounded by three times
-    /// `--timeout` (its retries included). A timeout marks the server down for the pass.
+    /// `--timeout` (its retries included), plus one for each MiB of `body` it moves. A timeout marks the server down for the pass.
     fn run<T>(
         &self,
         f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
         what: &str,
         grace: Duration,
+        body: u64,
     ) -> (io::Result<opendal::Result<T>>, bool) {
-        let budget = self.timeout.saturating_mul(3);
+        let budget = self.body_budget(body);
         let (outcome, settled) = self.drive(f.into_future(), what, budget, grace);
         let verdict = match outcome {
             Err(Stopped::Before(e)) => Err(e),
@@ -684,6 +716,17 @@ impl S3Replica {
                     && matches!(tokio::time::timeout(grace, &mut call).await, Ok(Ok(_)))),
             }
         })
+    }
+
+    /// [`call`](Self::call) for a request that moves `body` bytes.
+    fn call_sized<T>(
+        &self,
+        f: impl std::future::IntoFuture<Output = opendal::Result<T>>,
+        body: u64,
+    ) -> io::Result<T> {
+        self.run(f, "a transfer", Duration::ZERO, body)
+            .0?
+            .map_err(|e| self.describe(&e))
     }
 
     /// [`attempt`](Self::attempt), with the server's error as an `io::Error` in words.
@@ -771,7 +814,28 @@ impl S3Replica {
 
     fn list_all(&mut self) -> io::Result<()> {
         self.requests.list.fetch_add(1, Ordering::Relaxed);
-        let entries = self.call(self.op().list_with("").recursive(true))?;
+        // Read a page's worth at a time, each bounded on its own: a bucket of millions of
+        // objects is a long listing, not a stalled one.
+        let mut lister = self.call(self.op().lister_with("").recursive(true))?;
+        let mut entries = Vec::new();
+        loop {
+            let batch = self.call(async {
+                use futures::StreamExt;
+                let mut got = Vec::with_capacity(LIST_BATCH);
+                while got.len() < LIST_BATCH {
+                    match lister.next().await {
+                        Some(e) => got.push(e?),
+                        None => break,
+                    }
+                }
+                Ok(got)
+            })?;
+            let last = batch.len() < LIST_BATCH;
+            entries.extend(batch);
+            if last {
+                break;
+            }
+        }
         let mut tree: BTreeMap<RelPath, BTreeMap<Vec<u8>, Listed>> = BTreeMap::new();
         let mut dirs_etag = None;
         let mut any = false;
@@ -997,10 +1061,12 @@ impl S3Replica {
         self.requests.put.fetch_add(1, Ordering::Relaxed);
         self.forget_delete(key);
         self.free_name(key)?;
-        let md = self.call(
-            self.op()
+        let size = body.len() as u64;
+        let md = self.call_sized(
+            self.bulk()
                 .write_with(key, body)
                 .user_metadata(Self::user_meta(meta, hash)),
+            size,
         )?;
         self.etag_after(key, md)
     }
@@ -1180,7 +1246,13 @@ fn dirs_json(map: &BTreeMap<Vec<u8>, DirAttrs>) -> String {
     serde_json::to_string(&list).expect("json")
 }
 
-fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Operator> {
+/// An operator on `target` whose timeout layer gives a request `--timeout` and a body call
+/// (a page of a listing, a read or write of a body) `io_timeout`.
+fn build_operator(
+    target: &Target,
+    endpoint: &Endpoint,
+    io_timeout: Duration,
+) -> opendal::Result<Operator> {
     let mut b = opendal::services::S3::default()
         .bucket(&target.bucket)
         .root(&format!("/{}", target.prefix))
@@ -1200,7 +1272,7 @@ fn build_operator(target: &Target, endpoint: &Endpoint) -> opendal::Result<Opera
         .layer(
             opendal::layers::TimeoutLayer::new()
                 .with_timeout(endpoint.timeout)
-                .with_io_timeout(endpoint.timeout),
+                .with_io_timeout(io_timeout),
         )
         // Throttling (503 SlowDown), 5xx, cut connections and stalled attempts: 5 retries,
         // backing off exponentially from 250 ms (with jitter), about 8 s in all.
@@ -1730,7 +1802,7 @@ impl S3Replica {
         }
         let w = self
             .call(
-                self.op()
+                self.bulk()
                     .writer_with(key)
                     .chunk(PART)
                     .concurrent(PARTS_IN_FLIGHT)
@@ -1800,8 +1872,9 @@ impl Drop for S3Replica {
         // Connections are dropped inside the runtime, then the runtime is shut down.
         drop(self.op.take());
         drop(self.bucket.take());
+        drop(self.bulk.take());
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            rt.shutdown_timeout(Duration::from_millis(500));
         }
     }
 }
@@ -1951,11 +2024,12 @@ impl Content for Object<'_> {
             }
             let end = (off + PART as u64).min(size);
             self.rep.requests.get.fetch_add(1, Ordering::Relaxed);
-            let mut read = self.rep.op().read_with(&self.key).range(off..end);
+            let mut read = self.rep.bulk().read_with(&self.key).range(off..end);
             if !self.etag.is_empty() {
                 read = read.if_match(&format!("\"{}\"", self.etag));
             }
-            let buf = match self.rep.attempt(read).map_err(CopyError::Source)? {
+            let (answer, _) = self.rep.run(read, "a download", Duration::ZERO, end - off);
+            let buf = match answer.map_err(CopyError::Source)? {
                 Ok(b) => b,
                 Err(e) if e.kind() == opendal::ErrorKind::ConditionNotMatch => {
                     return Err(CopyError::Changed)

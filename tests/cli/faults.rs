@@ -34,6 +34,8 @@ enum Fault {
     SlowDown(u64),
     /// Forwards at about 16 MB/s a connection (a long upload).
     Slow,
+    /// Forwards at about 1.5 MB/s a connection (a slow uplink: slow, never stalled).
+    Crawl,
     /// Cuts the next `n` uploads (requests that start with `PUT `) half-way: half the
     /// request reaches the server, then the connection goes dead.
     Reset(u64),
@@ -42,10 +44,15 @@ enum Fault {
 struct Proxy {
     endpoint: String,
     fault: Arc<Mutex<Fault>>,
+    /// Connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 enum Step {
     Forward,
+    /// Forward, after this long (the time the bytes take at a slow rate; the lock on the
+    /// fault is not held meanwhile: each connection is slow on its own).
+    Slow(Duration),
     Swallow,
     SlowDown,
     Cut,
@@ -57,6 +64,11 @@ const SLOW_DOWN: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Cod
 /// The time `n` bytes take at 16 MB/s.
 fn slow(n: usize) -> Duration {
     Duration::from_nanos(n as u64 * 60)
+}
+
+/// The time `n` bytes take at 1.5 MB/s.
+fn crawl(n: usize) -> Duration {
+    Duration::from_nanos(n as u64 * 667)
 }
 
 fn starts_request(chunk: &[u8]) -> bool {
@@ -72,8 +84,11 @@ impl Proxy {
         let up = upstream.trim_start_matches("http://").to_string();
         let fault = Arc::new(Mutex::new(Fault::Healthy));
         let shared = fault.clone();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Ok(server) = TcpStream::connect(&up) else {
                     continue;
                 };
@@ -112,10 +127,8 @@ impl Proxy {
                             let new = starts_request(&buf[..n]);
                             match *f {
                                 Fault::Healthy => Step::Forward,
-                                Fault::Slow => {
-                                    std::thread::sleep(slow(n));
-                                    Step::Forward
-                                }
+                                Fault::Slow => Step::Slow(slow(n)),
+                                Fault::Crawl => Step::Slow(crawl(n)),
                                 Fault::Stall => Step::Swallow,
                                 Fault::StallAfter(0) if new => {
                                     *f = Fault::Stall;
@@ -144,8 +157,11 @@ impl Proxy {
                                 Fault::Reset(_) => Step::Forward,
                             }
                         };
+                        if let Step::Slow(d) = step {
+                            std::thread::sleep(d);
+                        }
                         match step {
-                            Step::Forward => {
+                            Step::Forward | Step::Slow(_) => {
                                 if s_write.write_all(&buf[..n]).is_err() {
                                     break;
                                 }
@@ -171,7 +187,11 @@ impl Proxy {
                 });
             }
         });
-        Proxy { endpoint, fault }
+        Proxy {
+            endpoint,
+            fault,
+            accepted,
+        }
     }
 
     fn set(&self, f: Fault) {
@@ -336,7 +356,15 @@ fn sigterm_ends_a_pass_stuck_on_a_stalled_server_within_seconds() {
     let mut cmd = through(&proxy, &env, "sigterm", &[]);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = ChildGuard::spawn(cmd);
-    std::thread::sleep(Duration::from_millis(700));
+    // Once its listing is on the wire (the handlers are installed before anything is sent).
+    assert!(
+        wait_for(Duration::from_secs(30), || proxy
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0),
+        "syncer never connected"
+    );
+    std::thread::sleep(Duration::from_millis(200));
     kill(Pid::from_raw(child.pid() as i32), Signal::SIGTERM).expect("kill");
     let out = child.wait(Duration::from_secs(5), "a pass after SIGTERM");
     assert_eq!(code(&out), 1, "{}", text(&out));
@@ -588,8 +616,12 @@ fn stop_says_when_a_daemon_did_not_stop_and_force_kills_it() {
         .trim()
         .parse()
         .expect("pid");
+    // A test that fails still kills its daemon, and only it (a pid can be reused).
     let _kill_anyway = Defer(Box::new(move || {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("syncer") {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }));
     assert!(
         wait_for(Duration::from_secs(30), || env
@@ -719,4 +751,23 @@ fn the_next_pass_aborts_the_multipart_upload_a_killed_process_left() {
     let out = through(&proxy, &env, "sigkill", &[]).output().expect("run");
     assert_eq!(code(&out), 0, "{}", text(&out));
     assert_eq!(requests(&env), (1, 0, 0, 0, 0), "{}", env.schedule_log());
+}
+
+/// `--timeout` is a bound on a stall, not on a transfer: an 8 MiB upload that takes several
+/// times `--timeout` over a slow link goes through.
+#[test]
+fn a_slow_link_is_not_a_dead_one() {
+    let Some(s) = server() else { return };
+    let proxy = Proxy::new(&s.endpoint);
+    let env = Env::new();
+    let content = Rng::new(31).bytes(8 << 20);
+    write(&env.src.join("eight.bin"), &content);
+    proxy.set(Fault::Crawl);
+    let out = run_bounded(
+        through(&proxy, &env, "crawl", &["--timeout", "1s"]),
+        Duration::from_secs(90),
+    );
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let got = rclone(s, &["cat", &format!("X:{BUCKET}/crawl/eight.bin")]).stdout;
+    assert!(got == content, "the object differs from the source");
 }
