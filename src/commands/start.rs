@@ -39,12 +39,7 @@ pub fn run(args: &StartArgs) -> Result<ExitCode> {
             daemon::pid_of(&text).map_or("unknown".into(), |p| p.to_string())
         )));
     }
-    if let Some(text) = lock::holder(&lock::replica_lock_path(&cfg.state_dir, &cfg.replica)) {
-        return Err(Error::Busy(format!(
-            "replica '{}' is busy: another pass holds its lock ({text})",
-            crate::model::show(&cfg.replica)
-        )));
-    }
+    lock::probe_replica(&cfg.state_dir, &cfg.replica)?;
     // Everything a pass checks first, and that the replica and the state directory can be
     // written: a job that cannot run fails here, on the caller's terminal, not in a daemon.
     tempfile::NamedTempFile::new_in(&cfg.state_dir)

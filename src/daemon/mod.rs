@@ -333,11 +333,20 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
     drop(cache);
     drop(_replica_lock);
     let _ = fs::remove_file(&start_path);
-    let _ = fs::remove_file(state::file(&cfg.state_dir, &cfg.name, "stopping"));
+    {
+        // Under the lock the reporting thread writes under: the file cannot come back.
+        let mut exiting = EXITING.lock().unwrap_or_else(|p| p.into_inner());
+        *exiting = true;
+        let _ = fs::remove_file(state::file(&cfg.state_dir, &cfg.name, "stopping"));
+    }
     let _ = fs::remove_file(&pid_path);
     drop(pidfile);
     ExitCode::Ok
 }
+
+/// Set once the daemon is past its last pass: the stop report is no longer written (it
+/// would outlive the daemon and mislead a later `stop`).
+static EXITING: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 
 /// Once SIGTERM/SIGINT has asked the daemon to stop, writes what it is still waiting on
 /// into `path` (`<name>.stopping`) every second until it exits, for a `stop` that waited in
@@ -360,7 +369,13 @@ fn report_when_stopping(path: std::path::PathBuf) {
             }
             loop {
                 let what = cancel::current().unwrap_or_else(|| "finishing the pass".into());
-                let _ = state::write_private(&path, &format!("{what}\n"));
+                {
+                    let exiting = EXITING.lock().unwrap_or_else(|p| p.into_inner());
+                    if *exiting {
+                        return;
+                    }
+                    let _ = state::write_private(&path, &format!("{what}\n"));
+                }
                 std::thread::sleep(Duration::from_secs(1));
             }
         });

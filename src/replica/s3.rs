@@ -1307,11 +1307,19 @@ fn open_index(path: &Path, url: &str) -> io::Result<redb::Database> {
     let txn = db.begin_write().map_err(io::Error::other)?;
     {
         let info = txn.open_table(INFO).map_err(io::Error::other)?;
-        let same = info
+        let recorded = info
             .get("url")
             .map_err(io::Error::other)?
-            .is_some_and(|v| v.value() == url);
-        if !same {
+            .map(|v| v.value().to_string());
+        // The index belongs to the job's replica: one of another replica is never cleared
+        // here (a run naming another pair is refused before; this is the second line).
+        if let Some(other) = recorded.as_ref().filter(|r| r.as_str() != url) {
+            return Err(io::Error::other(format!(
+                "the index '{}' belongs to replica '{other}'",
+                path.display()
+            )));
+        }
+        if recorded.is_none() {
             drop(info);
             let _ = txn.delete_table(OBJECTS);
             let mut info = txn.open_table(INFO).map_err(io::Error::other)?;
@@ -2145,6 +2153,32 @@ mod tests {
         assert!(
             !d.holds("f/"),
             "written again: no deletion of it is pending"
+        );
+    }
+
+    #[test]
+    fn an_index_of_another_replica_is_refused_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.s3index.redb");
+        {
+            let db = open_index(&path, "s3://b/one").expect("new index");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(OBJECTS)
+                .expect("table")
+                .insert("k", b"v".as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let err = open_index(&path, "s3://b/two")
+            .map(|_| ())
+            .expect_err("refused");
+        assert!(err.to_string().contains("s3://b/one"), "{err}");
+        let db = open_index(&path, "s3://b/one").expect("its own replica");
+        let txn = db.begin_read().expect("txn");
+        let table = txn.open_table(OBJECTS).expect("table");
+        assert!(
+            table.get("k").expect("get").is_some(),
+            "the index was cleared"
         );
     }
 
