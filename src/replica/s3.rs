@@ -1891,14 +1891,18 @@ impl Drop for S3Replica {
 const S3_DEV: u64 = 0x5333_0000_0000_0000;
 
 /// A bucket object's source token: its version (size and ETag) folded into the inode field,
-/// its mtime; never racy (ctime 0), since an object changes only by a new ETag.
+/// its mtime; never racy (ctime 0), since an object changes only by a new ETag. The fold is
+/// the first 8 bytes of the version's sha256: the token is kept in the hash cache, so it must
+/// come out the same from every build (std's `DefaultHasher` is documented as unstable
+/// across releases: a toolchain upgrade would have made every cached token look changed).
 fn token_of(version: &Version, meta: &Meta) -> Token {
-    use std::hash::{Hash as _, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    version.0.as_slice().hash(&mut h);
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(version.0.as_slice());
+    let mut ino = [0u8; 8];
+    ino.copy_from_slice(&digest[..8]);
     Token {
         dev: S3_DEV,
-        ino: h.finish(),
+        ino: u64::from_le_bytes(ino),
         size: meta.size,
         mtime_ns: meta.mtime.as_ns() as i64,
         ctime_ns: 0,
@@ -2154,6 +2158,17 @@ mod tests {
             !d.holds("f/"),
             "written again: no deletion of it is pending"
         );
+    }
+
+    #[test]
+    fn a_bucket_objects_token_is_the_same_from_every_build() {
+        let version = S3Replica::version("9bb58f26192e4ba00f01e2e7b136bbd8", 42);
+        let meta = meta_of(Kind::File, &Known::plain(String::new(), 42), 42);
+        let token = token_of(&version, &meta);
+        // Pinned (sha256 of the size in 8 little-endian bytes and the ETag, its first 8
+        // bytes little-endian, as python3 hashlib gives them): it is persisted in caches.
+        assert_eq!(token.ino, 0x4652_45e1_916d_a491, "{:#x}", token.ino);
+        assert_eq!((token.dev, token.size, token.ctime_ns), (S3_DEV, 42, 0));
     }
 
     #[test]
