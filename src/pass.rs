@@ -586,44 +586,27 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// Logs the pass summary to the schedule log and returns the outcome.
+/// Logs the pass summary to the schedule log and returns the outcome. A dry run's line
+/// says what a pass would do (`would create 12, update 3, …`).
 fn summary(o: Outcome) -> Outcome {
     let r = &o.record;
     let c = &r.counts;
-    if r.dry_run {
-        journal::schedule(format_args!(
-            "PASS END {} (dry run) in {:.3}s (scan {:.3}s, {} entries read): would create {}, update {}, \
-             drift {}, delete {}, move {}, meta {}, links {}, hard links {}, dirs {}, copy {} bytes; \
-             hashed {} files / {} bytes, errors {}, skipped {}{}{}",
-            r.result,
-            r.duration_ms as f64 / 1000.0,
-            r.scan_us as f64 / 1e6,
-            c.entries_read,
-            c.created,
-            c.updated,
-            c.drifted,
-            c.deleted,
-            c.moved,
-            c.meta,
-            c.links,
-            c.hard_links,
-            c.dirs_created,
-            c.bytes_copied,
-            c.hashed_files,
-            c.hashed_bytes,
-            c.errors,
-            c.skipped,
-            r.requests
-                .as_ref()
-                .map(|q| format!(", requests {q}"))
-                .unwrap_or_default(),
-            r.reason.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
-        ));
-        return o;
-    }
+    let (mode, [create, update, delete, moved, copy], sep) = match r.dry_run {
+        true => (
+            " (dry run)",
+            ["would create", "update", "delete", "move", "copy"],
+            ";",
+        ),
+        false => (
+            "",
+            ["created", "updated", "deleted", "moved", "copied"],
+            ",",
+        ),
+    };
     journal::schedule(format_args!(
-        "PASS END {} in {:.3}s (scan {:.3}s, {} entries read): created {}, updated {}, drift {}, deleted {}, moved {}, meta {}, links {}, hard links {}, dirs {}, \
-         copied {} bytes, hashed {} files / {} bytes, errors {}, skipped {}{}{}",
+        "PASS END {}{mode} in {:.3}s (scan {:.3}s, {} entries read): {create} {}, {update} {}, \
+         drift {}, {delete} {}, {moved} {}, meta {}, links {}, hard links {}, dirs {}, \
+         {copy} {} bytes{sep} hashed {} files / {} bytes, errors {}, skipped {}{}{}",
         r.result,
         r.duration_ms as f64 / 1000.0,
         r.scan_us as f64 / 1e6,
@@ -646,7 +629,10 @@ fn summary(o: Outcome) -> Outcome {
             .as_ref()
             .map(|q| format!(", requests {q}"))
             .unwrap_or_default(),
-        r.reason.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
+        r.reason
+            .as_ref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
     ));
     o
 }
