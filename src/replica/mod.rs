@@ -6,11 +6,12 @@
 //! replica's version of an entry ([`Version`]) is opaque: only its implementation reads it.
 //!
 //! Implementations: `local` (a directory, anchored on a handle so no symlink can redirect a
-//! write) and, for in-process tests, `fake` (memory). An object store is the next peer.
+//! write), `s3/` (an S3-compatible bucket through OpenDAL: address, key codec, errors,
+//! batched deletions, the bucket as a restore's source, unfinished-upload clean-up, and the
+//! replica in `s3/mod.rs`) and, for in-process tests, `fake` (memory).
 
 pub mod local;
 pub mod s3;
-mod s3_uploads;
 
 #[cfg(test)]
 pub mod fake;

@@ -18,7 +18,7 @@
 //! idle pass is one recursive listing: no HEAD and no GET. A key whose ETag or size is not
 //! in the index (a lost index, or someone else's write) costs one HEAD, never a download.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -34,10 +34,22 @@ use serde::{Deserialize, Serialize};
 
 use super::{Capabilities, Content, CopyError, Installed, Options, Replica, Sink};
 use crate::model::{
-    Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, SrcEntry, Stamp, Token, Version,
-    Xattrs,
+    Entry, Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Stamp, Version, Xattrs,
 };
-use crate::source::SourceTree;
+
+mod address;
+mod deletes;
+mod errors;
+mod keys;
+mod source;
+mod uploads;
+
+pub use address::{Endpoint, Target, DEFAULT_TIMEOUT};
+use deletes::Deletes;
+pub use errors::one_line;
+use errors::{describe, interrupted, is_timeout, other};
+pub use keys::{escape, unescape};
+use keys::{escape_path, unescape_path};
 
 /// Files above this size go up as multipart uploads, several parts in flight; smaller ones
 /// are read into memory once (hashed on the way) and sent with one PUT.
@@ -53,74 +65,6 @@ const LIST_BATCH: usize = 1000;
 /// Keys per DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
 
-/// Where a replica lives: `s3://BUCKET/PREFIX`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub bucket: String,
-    /// Without leading or trailing `/`; may be empty.
-    pub prefix: String,
-}
-
-impl Target {
-    /// `None` when `text` is not an `s3://` address; `Err` names what is wrong with one.
-    pub fn parse(text: &OsStr) -> Option<Result<Target, String>> {
-        let rest = text.as_bytes().strip_prefix(b"s3://")?;
-        let Ok(rest) = std::str::from_utf8(rest) else {
-            return Some(Err("an s3:// address must be UTF-8".into()));
-        };
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Some(Err(format!("'s3://{rest}' names no bucket")));
-        }
-        let prefix = prefix.trim_matches('/').to_string();
-        if prefix
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-            && !prefix.is_empty()
-        {
-            return Some(Err(format!(
-                "'s3://{rest}': an empty, '.' or '..' component in the prefix"
-            )));
-        }
-        Some(Ok(Target {
-            bucket: bucket.to_string(),
-            prefix,
-        }))
-    }
-
-    pub fn url(&self) -> String {
-        match self.prefix.is_empty() {
-            true => format!("s3://{}", self.bucket),
-            false => format!("s3://{}/{}", self.bucket, self.prefix),
-        }
-    }
-}
-
-/// How to reach the object store (from `--s3-endpoint`/`AWS_ENDPOINT_URL` and
-/// `--s3-region`/`AWS_REGION`); credentials come from the standard AWS environment variables
-/// and the shared credentials file, never from the command line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    /// `--timeout`: an attempt that makes no progress for this long is abandoned (and
-    /// retried); one request with its retries never takes longer than three times this.
-    pub timeout: Duration,
-}
-
-impl Default for Endpoint {
-    fn default() -> Endpoint {
-        Endpoint {
-            endpoint: None,
-            region: None,
-            timeout: DEFAULT_TIMEOUT,
-        }
-    }
-}
-
-/// `--timeout`'s default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// After SIGTERM, how long a multipart writer's call in flight may take to finish, and then
 /// how long the upload's abort may take (SIGTERM must end a pass within seconds, whatever
 /// the server does).
@@ -135,87 +79,6 @@ const BODY_UNIT: u64 = 1 << 20;
 /// The bytes one call on a multipart writer may have to move before it returns (the parts
 /// in flight).
 const WRITER_CALL_BYTES: u64 = (PART * PARTS_IN_FLIGHT) as u64;
-
-impl Endpoint {
-    /// `--s3-region`, else `AWS_REGION`, else us-east-1.
-    pub(super) fn region_name(&self) -> String {
-        self.region
-            .clone()
-            .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
-            .unwrap_or_else(|| "us-east-1".to_string())
-    }
-
-    /// `--s3-endpoint`, else `AWS_ENDPOINT_URL`: a bucket there is addressed path-style;
-    /// without one, AWS's virtual-host style is used.
-    pub(super) fn given(&self) -> Option<String> {
-        self.endpoint.clone().or_else(|| {
-            std::env::var("AWS_ENDPOINT_URL")
-                .ok()
-                .filter(|r| !r.is_empty())
-        })
-    }
-
-    /// The endpoint's URL, as errors name it.
-    fn url(&self) -> String {
-        self.given()
-            .unwrap_or_else(|| "https://s3.amazonaws.com".to_string())
-    }
-}
-
-/// Escapes one name for a key (see the module's notes).
-pub fn escape(name: &[u8], kind: Kind, at_root: bool) -> String {
-    let mut out = String::with_capacity(name.len());
-    for chunk in name.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c == '%' || c.is_control() {
-                let mut b = [0u8; 4];
-                for byte in c.encode_utf8(&mut b).bytes() {
-                    out.push_str(&format!("%{byte:02X}"));
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    let reserved =
-        out.ends_with(LINK_SUFFIX) || (at_root && out == DIRS_OBJECT) || out == "." || out == "..";
-    if kind != Kind::Symlink && reserved {
-        // The last '.' (there is one in each reserved name) becomes %2E.
-        let at = out.rfind('.').expect("a reserved name has a dot");
-        out.replace_range(at..at + 1, "%2E");
-    }
-    if kind == Kind::Symlink {
-        out.push_str(LINK_SUFFIX);
-    }
-    out
-}
-
-/// Decodes one key component: the name's bytes and whether it is a symlink object.
-pub fn unescape(segment: &str) -> (Vec<u8>, bool) {
-    let (body, link) = match segment.strip_suffix(LINK_SUFFIX) {
-        Some(b) if !b.is_empty() => (b, true),
-        _ => (segment, false),
-    };
-    let bytes = body.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    (out, link)
-}
 
 /// What the index knows of one object syncer wrote (or HEADed).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -342,14 +205,11 @@ pub struct S3Replica {
     down: OnceLock<String>,
 }
 
-fn other(e: &opendal::Error) -> io::Error {
-    let kind = match e.kind() {
-        opendal::ErrorKind::NotFound => io::ErrorKind::NotFound,
-        opendal::ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,
-        opendal::ErrorKind::Unsupported => io::ErrorKind::Unsupported,
-        _ => io::ErrorKind::Other,
-    };
-    io::Error::new(kind, one_line(e))
+/// Resolves once SIGTERM/SIGINT (or `stop`) asked the pass to end.
+async fn cancelled() {
+    while !crate::cancel::requested() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Why [`S3Replica::drive`] gave no answer.
@@ -360,130 +220,6 @@ enum Stopped {
     Signal,
     /// Dropped when its budget ran out.
     Budget,
-}
-
-/// The error of a request abandoned for SIGTERM. Not `ErrorKind::Interrupted`, which means
-/// "try again" to `write_all` and every other std loop.
-fn interrupted() -> io::Error {
-    io::Error::other("interrupted")
-}
-
-/// Resolves once SIGTERM/SIGINT (or `stop`) asked the pass to end.
-async fn cancelled() {
-    while !crate::cancel::requested() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Whether OpenDAL's timeout layer gave up on an attempt.
-fn is_timeout(e: &opendal::Error) -> bool {
-    e.message().contains("timeout reached")
-}
-
-/// An error from the server as one line a person can act on (what is wrong and where to
-/// look), with the `io::ErrorKind` that fits it. Never the request's headers.
-fn describe(e: &opendal::Error, target: &Target, url: &str) -> io::Error {
-    use io::ErrorKind as K;
-    let debug = format!("{e:?}");
-    let has = |key: &str| debug.contains(key);
-    let bucket = format!("s3://{}", target.bucket);
-    let (kind, text) = if has("SignatureDoesNotMatch") {
-        (
-            K::PermissionDenied,
-            format!(
-                "access denied to {bucket} (SignatureDoesNotMatch: check AWS_SECRET_ACCESS_KEY)"
-            ),
-        )
-    } else if has("InvalidAccessKeyId") {
-        (
-            K::PermissionDenied,
-            format!("access denied to {bucket} (InvalidAccessKeyId: check AWS_ACCESS_KEY_ID)"),
-        )
-    } else if has("NoSuchBucket") {
-        (
-            K::NotFound,
-            format!("bucket '{}' does not exist at {url}", target.bucket),
-        )
-    } else if has("no valid credential") || has("credential not found") {
-        (
-            K::PermissionDenied,
-            "no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials)"
-                .to_string(),
-        )
-    } else if has("AccessDenied") {
-        (
-            K::PermissionDenied,
-            format!("access denied to {} (AccessDenied)", target.url()),
-        )
-    } else if has("onnection refused") {
-        (
-            K::ConnectionRefused,
-            format!("could not connect to {url} (connection refused)"),
-        )
-    } else if has("dns error") {
-        (
-            K::NotFound,
-            format!("could not resolve the host of {url} (a DNS failure)"),
-        )
-    } else {
-        return other(e);
-    };
-    io::Error::new(kind, text)
-}
-
-/// The code and message of the server's own error, out of the `S3Error { code: "…",
-/// message: "…", … }` OpenDAL reports (never shown as it is: a person reads the words).
-fn s3_error(text: &str) -> Option<(&str, &str)> {
-    let field = |name: &str| {
-        let at = text.find(&format!("{name}: \""))? + name.len() + 3;
-        let len = text[at..].find('"')?;
-        Some(&text[at..at + len])
-    };
-    text.starts_with("S3Error")
-        .then(|| Some((field("code")?, field("message")?)))
-        .flatten()
-}
-
-/// An OpenDAL error on one line, without the request's headers (which could carry
-/// credentials or signatures).
-pub fn one_line(e: &opendal::Error) -> String {
-    let first = e.message().lines().next().unwrap_or("").trim();
-    let mut line = match s3_error(first) {
-        Some((code, message)) => format!("{code}: {message}"),
-        None => format!("{}: {first}", e.kind()),
-    };
-    // The innermost cause says what really happened (connection refused, a DNS failure).
-    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    let mut last = None;
-    while let Some(c) = cause {
-        let text = c.to_string();
-        let first = text.lines().next().unwrap_or("");
-        // "(os error N)" is noise here, and `error::reason` would cut the line at it.
-        last = Some(
-            first
-                .split(" (os error")
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string(),
-        );
-        cause = c.source();
-    }
-    if let Some(c) = last.filter(|c| !line.contains(c.as_str())) {
-        line.push_str(&format!(" ({c})"));
-    }
-    let debug = format!("{e:?}");
-    for key in [
-        "NoSuchBucket",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "AccessDenied",
-    ] {
-        if debug.contains(key) && !line.contains(key) {
-            line.push_str(&format!(" ({key})"));
-        }
-    }
-    line
 }
 
 impl S3Replica {
@@ -571,7 +307,7 @@ impl S3Replica {
             }
         }
         if let (Some(db), false) = (&me.index, me.dry) {
-            super::s3_uploads::sweep(&me, db, target, endpoint, started);
+            uploads::sweep(&me, db, target, endpoint, started);
         }
         Ok(me)
     }
@@ -1228,19 +964,6 @@ fn parse_hex(v: &str) -> Option<[u8; 32]> {
 }
 
 /// A relative path as escaped text (the directory object's keys).
-fn escape_path(bytes: &[u8]) -> String {
-    bytes
-        .split(|b| *b == b'/')
-        .map(|p| escape(p, Kind::Dir, false))
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
-fn unescape_path(text: &str) -> Vec<u8> {
-    let parts: Vec<Vec<u8>> = text.split('/').map(|p| unescape(p).0).collect();
-    parts.join(&b'/')
-}
-
 fn dirs_json(map: &BTreeMap<Vec<u8>, DirAttrs>) -> String {
     let list: Vec<(String, &DirAttrs)> = map.iter().map(|(k, a)| (escape_path(k), a)).collect();
     serde_json::to_string(&list).expect("json")
@@ -1330,72 +1053,6 @@ fn open_index(path: &Path, url: &str) -> io::Result<redb::Database> {
     }
     txn.commit().map_err(io::Error::other)?;
     Ok(db)
-}
-
-/// Deletions waiting to be batched (DeleteObjects takes 1,000 keys), and the names they
-/// still hold. A server that keeps a filesystem namespace (SeaweedFS, MinIO) refuses an
-/// object `a` beside a prefix `a/` (`ExistingObjectIsFile`), so a deletion that frees a name
-/// must reach the server before anything is created under that name: a file replaced by a
-/// directory, a directory by a file. Every other deletion waits for its batch.
-#[derive(Default)]
-struct Deletes {
-    keys: Vec<String>,
-    /// Each pending key without its trailing `/` (how many pending keys have that name).
-    names: HashMap<String, usize>,
-    /// Every directory above a pending key (never decremented: a stale entry costs at most
-    /// one early batch).
-    above: HashSet<String>,
-}
-
-impl Deletes {
-    fn add(&mut self, keys: Vec<String>) {
-        for k in &keys {
-            let name = k.trim_end_matches('/');
-            *self.names.entry(name.to_string()).or_default() += 1;
-            let mut at = name;
-            while let Some(i) = at.rfind('/') {
-                at = &at[..i];
-                if !self.above.insert(at.to_string()) {
-                    break;
-                }
-            }
-        }
-        self.keys.extend(keys);
-    }
-
-    /// `key` is written again: its deletion is dropped (a PUT replaces it anyway).
-    fn forget(&mut self, key: &str) {
-        let before = self.keys.len();
-        self.keys.retain(|k| k != key);
-        if self.keys.len() < before {
-            let name = key.trim_end_matches('/');
-            if let Some(n) = self.names.get_mut(name) {
-                *n -= (before - self.keys.len()).min(*n);
-                if *n == 0 {
-                    self.names.remove(name);
-                }
-            }
-        }
-    }
-
-    /// Whether creating `key` needs a pending deletion sent first: one of the same name (a
-    /// file where a directory marker was, or the reverse), one of a directory above it (a
-    /// file `a` pending while `a/b` is written), or, for an object, one below its name (a
-    /// directory's objects pending while a file takes its name).
-    fn holds(&self, key: &str) -> bool {
-        let name = key.trim_end_matches('/');
-        if self.names.contains_key(name) || (!key.ends_with('/') && self.above.contains(name)) {
-            return true;
-        }
-        let mut at = name;
-        while let Some(i) = at.rfind('/') {
-            at = &at[..i];
-            if self.names.contains_key(at) {
-                return true;
-            }
-        }
-        false
-    }
 }
 
 /// A `Write` into an OpenDAL multipart writer (bytes are copied into owned buffers).
@@ -1806,7 +1463,7 @@ impl S3Replica {
         // trace the next pass follows (`s3_uploads`).
         let journal = self.index.as_ref().filter(|_| !self.dry);
         if let Some(db) = journal {
-            super::s3_uploads::begin(db, key);
+            uploads::begin(db, key);
         }
         let w = self
             .call(
@@ -1846,7 +1503,7 @@ impl S3Replica {
             }
         };
         if let (Some(db), true) = (journal, ended) {
-            super::s3_uploads::end(db, key);
+            uploads::end(db, key);
         }
         result
     }
@@ -1887,203 +1544,10 @@ impl Drop for S3Replica {
     }
 }
 
-/// The device number a bucket's source tokens carry (no local file has it).
-const S3_DEV: u64 = 0x5333_0000_0000_0000;
-
-/// A bucket object's source token: its version (size and ETag) folded into the inode field,
-/// its mtime; never racy (ctime 0), since an object changes only by a new ETag. The fold is
-/// the first 8 bytes of the version's sha256: the token is kept in the hash cache, so it must
-/// come out the same from every build (std's `DefaultHasher` is documented as unstable
-/// across releases: a toolchain upgrade would have made every cached token look changed).
-fn token_of(version: &Version, meta: &Meta) -> Token {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(version.0.as_slice());
-    let mut ino = [0u8; 8];
-    ino.copy_from_slice(&digest[..8]);
-    Token {
-        dev: S3_DEV,
-        ino: u64::from_le_bytes(ino),
-        size: meta.size,
-        mtime_ns: meta.mtime.as_ns() as i64,
-        ctime_ns: 0,
-    }
-}
-
-/// A bucket as the source of a pass: a restore (`--source s3://…`).
-impl SourceTree for S3Replica {
-    fn root(&self) -> io::Result<Meta> {
-        Replica::root(self)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "nothing is stored under it"))
-    }
-
-    fn root_dev(&self) -> u64 {
-        S3_DEV
-    }
-
-    fn list(&self, dir: &RelPath) -> io::Result<Vec<SrcEntry>> {
-        Ok(Replica::list(self, dir)?
-            .into_iter()
-            .map(|e| Entry {
-                version: match e.meta.kind {
-                    Kind::Dir => Token::default(),
-                    _ => token_of(&e.version, &e.meta),
-                },
-                name: e.name,
-                meta: e.meta,
-            })
-            .collect())
-    }
-
-    /// The stored sha256 (never a download); an object without one is read and hashed.
-    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {
-        let (meta, version) = Replica::stat(self, rel)?.ok_or(io::ErrorKind::NotFound)?;
-        let token = token_of(&version, &meta);
-        match Replica::hash(self, rel, counters) {
-            Ok((h, _)) => Ok((h, token)),
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                let mut content = self.object(rel, meta, token)?;
-                let mut sink = Discard;
-                content
-                    .write_into(Sink::Stream(&mut sink))
-                    .map_err(copy_to_io)?;
-                counters.add(meta.size);
-                Ok((content.finish().map_err(copy_to_io)?, token))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf> {
-        Replica::read_link(self, rel)
-    }
-
-    fn xattrs(&self, _rel: &RelPath, _kind: Kind) -> io::Result<Xattrs> {
-        Ok(Xattrs::default())
-    }
-
-    fn open_file(
-        &self,
-        rel: &RelPath,
-        _known: Option<(Token, Hash)>,
-    ) -> io::Result<Box<dyn Content + '_>> {
-        let (meta, version) = Replica::stat(self, rel)?.ok_or(io::ErrorKind::NotFound)?;
-        let token = token_of(&version, &meta);
-        Ok(Box::new(self.object(rel, meta, token)?))
-    }
-}
-
-fn copy_to_io(e: CopyError) -> io::Error {
-    match e {
-        CopyError::Changed => io::Error::other("the object changed while it was read"),
-        CopyError::Source(e) | CopyError::Replica(e) => e,
-    }
-}
-
-impl S3Replica {
-    fn object(&self, rel: &RelPath, meta: Meta, token: Token) -> io::Result<Object<'_>> {
-        let l = self.listed(rel).ok_or(io::ErrorKind::NotFound)?;
-        let (_, known) = self.resolve(l)?;
-        Ok(Object {
-            rep: self,
-            key: l.key.clone(),
-            etag: known.etag.clone(),
-            stored: known.sha256.map(Hash),
-            meta,
-            token,
-            digest: None,
-            copied: 0,
-        })
-    }
-}
-
-/// One object's content on its way out of the bucket, read in ranges that must all come
-/// from the same ETag, hashed on the way and checked against the stored sha256.
-struct Object<'a> {
-    rep: &'a S3Replica,
-    key: String,
-    etag: String,
-    stored: Option<Hash>,
-    meta: Meta,
-    token: Token,
-    digest: Option<Hash>,
-    copied: u64,
-}
-
-impl Content for Object<'_> {
-    fn meta(&self) -> &Meta {
-        &self.meta
-    }
-
-    fn token(&self) -> Token {
-        self.token
-    }
-
-    fn write_into(&mut self, out: Sink<'_>) -> Result<u64, CopyError> {
-        use sha2::Digest;
-        let out: &mut dyn Write = match out {
-            Sink::File(f) => f,
-            Sink::Stream(w) => w,
-        };
-        let mut hasher = sha2::Sha256::new();
-        let size = self.meta.size;
-        let mut off = 0u64;
-        while off < size {
-            if crate::cancel::requested() {
-                return Err(CopyError::Source(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    "interrupted",
-                )));
-            }
-            let end = (off + PART as u64).min(size);
-            self.rep.requests.get.fetch_add(1, Ordering::Relaxed);
-            let mut read = self.rep.bulk().read_with(&self.key).range(off..end);
-            if !self.etag.is_empty() {
-                read = read.if_match(&format!("\"{}\"", self.etag));
-            }
-            let (answer, _) = self.rep.run(read, "a download", Duration::ZERO, end - off);
-            let buf = match answer.map_err(CopyError::Source)? {
-                Ok(b) => b,
-                Err(e) if e.kind() == opendal::ErrorKind::ConditionNotMatch => {
-                    return Err(CopyError::Changed)
-                }
-                Err(e) => return Err(CopyError::Source(self.rep.describe(&e))),
-            };
-            if buf.is_empty() {
-                return Err(CopyError::Changed);
-            }
-            for chunk in buf {
-                hasher.update(&chunk);
-                out.write_all(&chunk).map_err(CopyError::Replica)?;
-                off += chunk.len() as u64;
-            }
-        }
-        self.digest = Some(Hash(hasher.finalize().into()));
-        self.copied = off;
-        Ok(off)
-    }
-
-    fn finish(&mut self) -> Result<Hash, CopyError> {
-        let digest = self
-            .digest
-            .ok_or_else(|| CopyError::Source(io::Error::other("finished before it was read")))?;
-        if self.copied != self.meta.size {
-            return Err(CopyError::Changed);
-        }
-        match self.stored {
-            Some(s) if s != digest => Err(CopyError::Source(io::Error::other(format!(
-                "its content does not match the sha256 stored with it ({s})"
-            )))),
-            _ => Ok(digest),
-        }
-    }
-
-    fn xattrs(&self) -> io::Result<Xattrs> {
-        Ok(Xattrs::default())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::errors::s3_error;
+    use super::source::{token_of, S3_DEV};
     use super::*;
     use std::collections::HashSet;
 

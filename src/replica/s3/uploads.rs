@@ -32,7 +32,7 @@ use reqsign_core::{Context, OsEnv, Signer};
 use reqsign_file_read_tokio::TokioFileRead;
 use serde::Deserialize;
 
-use super::s3::{Endpoint, S3Replica, Target};
+use super::{Endpoint, S3Replica, Target};
 
 /// Multipart uploads in progress: key (below the replica's prefix) → when it began (Unix ms).
 const UPLOADS: TableDefinition<&str, u64> = TableDefinition::new("uploads");
