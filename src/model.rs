@@ -327,6 +327,24 @@ impl fmt::Debug for Hash {
     }
 }
 
+/// 64 hex digits (either case), as `Display` writes them.
+impl std::str::FromStr for Hash {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Hash, String> {
+        let bad = || format!("not a sha256 in hex: '{text}'");
+        if text.len() != 64 || !text.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (o, pair) in out.iter_mut().zip(text.as_bytes().chunks(2)) {
+            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+            *o = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+        }
+        Ok(Hash(out))
+    }
+}
+
 /// One directory entry as a side lists it: its name, its metadata (never following a
 /// symlink) and that side's version of it (`Token` for the source, `Version` for a replica).
 #[derive(Clone, Debug)]
@@ -464,6 +482,16 @@ impl Xattrs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_reads_back_what_it_writes() {
+        let h = Hash(std::array::from_fn(|i| (i * 37) as u8));
+        assert_eq!(h.to_string().parse::<Hash>(), Ok(h));
+        assert_eq!(h.to_string().to_uppercase().parse::<Hash>(), Ok(h));
+        assert!("abc".parse::<Hash>().is_err());
+        assert!("zz".repeat(32).parse::<Hash>().is_err());
+        assert!("é".repeat(32).parse::<Hash>().is_err());
+    }
 
     fn token(dev: u64, ctime_ns: i64) -> Token {
         Token {

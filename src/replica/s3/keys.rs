@@ -60,6 +60,7 @@ pub fn unescape(segment: &str) -> (Vec<u8>, bool) {
     (out, link)
 }
 
+/// A relative path as escaped text, name by name (the directory object's keys).
 pub(super) fn escape_path(bytes: &[u8]) -> String {
     bytes
         .split(|b| *b == b'/')
@@ -68,6 +69,7 @@ pub(super) fn escape_path(bytes: &[u8]) -> String {
         .join("/")
 }
 
+/// The reverse of [`escape_path`].
 pub(super) fn unescape_path(text: &str) -> Vec<u8> {
     let parts: Vec<Vec<u8>> = text.split('/').map(|p| unescape(p).0).collect();
     parts.join(&b'/')

@@ -745,7 +745,7 @@ impl S3Replica {
             uid: get("uid").and_then(|v| v.parse().ok()).unwrap_or(0),
             gid: get("gid").and_then(|v| v.parse().ok()).unwrap_or(0),
             mtime: get("mtime").and_then(|v| parse_mtime(&v)).unwrap_or((0, 0)),
-            sha256: get("sha256").and_then(|v| parse_hex(&v)),
+            sha256: get("sha256").and_then(|v| v.parse::<Hash>().ok().map(|h| h.0)),
             link: None,
         };
         if kind == Kind::Symlink {
@@ -952,18 +952,7 @@ fn parse_mtime(v: &str) -> Option<(i64, i64)> {
     Some((sec, frac.parse().ok()?))
 }
 
-fn parse_hex(v: &str) -> Option<[u8; 32]> {
-    if v.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(v.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// A relative path as escaped text (the directory object's keys).
+/// The directory object's content: each directory's attributes under its escaped path.
 fn dirs_json(map: &BTreeMap<Vec<u8>, DirAttrs>) -> String {
     let list: Vec<(String, &DirAttrs)> = map.iter().map(|(k, a)| (escape_path(k), a)).collect();
     serde_json::to_string(&list).expect("json")
