@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use crate::model::{Hash, HashCounters, Kind, Meta, RelPath, RepEntry, Token, Version, Xattrs};
 
 /// Which metadata a replica keeps, and what it can do. Compare consults it: what a replica
-/// cannot keep is never a difference.
+/// cannot keep is never a difference. Every backend keeps symlinks and empty directories,
+/// replaces a file atomically and can be read back (a restore); a flag exists only for what
+/// some backend lacks and a stage asks about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// Permission bits (with setuid/setgid/sticky).
@@ -33,20 +35,13 @@ pub struct Capabilities {
     pub owner: bool,
     /// Modification times, to this many nanoseconds (1: exact); `None`: not kept.
     pub mtime_ns: Option<u64>,
-    pub symlinks: bool,
-    pub empty_dirs: bool,
+    /// Hard links (`rsync -H`): a group of names shares one file.
     pub hard_links: bool,
     /// Extended attributes (so POSIX ACLs and file capabilities) of files and directories.
     pub xattrs: bool,
-    /// Holes of sparse files.
-    pub holes: bool,
-    /// A rename replaces its target atomically.
-    pub atomic_rename: bool,
     /// An entry can be renamed within the replica without copying it (`rename`): a file
     /// moved in the source is then moved, not copied again.
     pub rename: bool,
-    /// Content can be read back (to hash it, or to restore).
-    pub read_back: bool,
     /// A file's metadata can be changed without writing its content again (an object
     /// store's cannot: compare then asks for a copy).
     pub meta_in_place: bool,

@@ -1080,14 +1080,9 @@ impl Replica for S3Replica {
             mode: true,
             owner: true,
             mtime_ns: Some(1),
-            symlinks: true,
-            empty_dirs: true,
             hard_links: false,
             xattrs: false,
-            holes: false,
-            atomic_rename: false,
             rename: false,
-            read_back: true,
             meta_in_place: false,
         }
     }
