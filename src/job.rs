@@ -10,7 +10,7 @@ use crate::config::{Config, Verbosity};
 use crate::error::{Error, Result};
 use crate::model::show;
 use crate::state::cache::{self, Cache, Foreign};
-use crate::state::status::{self, JobStatus, PassRecord};
+use crate::state::status::{self, JobStatus, PassRecord, PassResult};
 use crate::{journal, state};
 
 /// The source/replica pair a job's state belongs to, as recorded.
@@ -148,7 +148,7 @@ pub fn base_status(cfg: &Config) -> JobStatus {
 
 /// Records a pass in the status: a refusal's reason stays until a pass is not refused.
 pub fn record_pass(status: &mut JobStatus, pass: &PassRecord) {
-    status.refused_reason = if pass.result == "refused" {
+    status.refused_reason = if pass.result == PassResult::Refused {
         pass.reason.clone()
     } else {
         None

@@ -24,7 +24,7 @@ use crate::replica::{self, Replica};
 use crate::scan::{self, Ctx, Scanned};
 use crate::source::{LocalSource, SourceTree};
 use crate::state::cache::{Cache, CachedFile, ChunkError, Delta, DirChange};
-use crate::state::status::PassRecord;
+use crate::state::status::{PassRecord, PassResult};
 
 /// A source token whose ctime is within this window before the pass started is racy (see
 /// `model::Racy`), unless the narrow window applies. Wider than any timestamp granularity in
@@ -209,7 +209,7 @@ impl<'a> Pass<'a> {
             Err(_) if cancel::requested() => self.interrupted(),
             Err(msg) => {
                 log::error!("{msg}");
-                self.end("failed", ExitCode::Usage, Some(msg))
+                self.end(PassResult::Failed, ExitCode::Usage, Some(msg))
             }
         }
     }
@@ -229,7 +229,7 @@ impl<'a> Pass<'a> {
         if let Err(why) = cfg.guard.check(&scanned.plan) {
             log::error!("{why}");
             journal::schedule(format_args!("PASS REFUSED {why}"));
-            return self.end("refused", ExitCode::Refused, Some(why));
+            return self.end(PassResult::Refused, ExitCode::Refused, Some(why));
         }
         if cfg.dry_run {
             return self.dry_run(&scanned.plan);
@@ -528,7 +528,7 @@ impl<'a> Pass<'a> {
         if let Some(msg) = sync_error {
             log::error!("{msg}");
             self.record.counts.errors += 1;
-            return self.end("partial", ExitCode::Partial, Some(msg));
+            return self.end(PassResult::Partial, ExitCode::Partial, Some(msg));
         }
         let mut outcome = self.conclude_record();
         let key = (self.started_ns / 1_000_000) as u64;
@@ -542,19 +542,19 @@ impl<'a> Pass<'a> {
 
     /// The result of a pass that ran to its end: ok, or partial when an entry failed or was
     /// skipped. The one place that turns counts into an exit code.
-    fn verdict(&self) -> (&'static str, ExitCode) {
+    fn verdict(&self) -> (PassResult, ExitCode) {
         let c = &self.record.counts;
         if c.errors == 0 && c.skipped == 0 {
-            ("ok", ExitCode::Ok)
+            (PassResult::Ok, ExitCode::Ok)
         } else {
-            ("partial", ExitCode::Partial)
+            (PassResult::Partial, ExitCode::Partial)
         }
     }
 
     fn conclude_record(&mut self) -> Outcome {
         let (result, exit) = self.verdict();
         self.record.duration_ms = self.t0.elapsed().as_millis() as u64;
-        self.record.result = result.to_string();
+        self.record.result = result;
         self.record.reason = None;
         self.record.requests = self.requests.as_ref().map(|r| r.to_string());
         Outcome {
@@ -570,12 +570,16 @@ impl<'a> Pass<'a> {
     }
 
     fn interrupted(self) -> Outcome {
-        self.end("interrupted", ExitCode::Partial, Some("interrupted".into()))
+        self.end(
+            PassResult::Interrupted,
+            ExitCode::Partial,
+            Some("interrupted".into()),
+        )
     }
 
-    fn end(mut self, result: &str, exit: ExitCode, why: Option<String>) -> Outcome {
+    fn end(mut self, result: PassResult, exit: ExitCode, why: Option<String>) -> Outcome {
         self.record.duration_ms = self.t0.elapsed().as_millis() as u64;
-        self.record.result = result.to_string();
+        self.record.result = result;
         self.record.reason = why;
         self.record.requests = self.requests.as_ref().map(|r| r.to_string());
         summary(Outcome {

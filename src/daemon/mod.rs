@@ -19,6 +19,7 @@ use crate::job;
 use crate::journal;
 use crate::model::show;
 use crate::pass;
+use crate::state::status::PassResult;
 use crate::state::{self, lock, status};
 use crate::watch::Watcher;
 
@@ -247,7 +248,7 @@ pub fn run(cfg: &Config, nonce: &str, foreground: bool) -> ExitCode {
                 ),
                 None => pass::run(cfg, &cache, progress),
             };
-            if outcome.record.result != "failed" {
+            if outcome.record.result != PassResult::Failed {
                 whole_replica = outcome.replica_entries;
             }
             job::record_pass(&mut st, &outcome.record);

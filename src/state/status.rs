@@ -10,6 +10,35 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Counts;
 
+/// How a pass ended (written as a lowercase word in the status and the logs).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PassResult {
+    /// The replica equals the source.
+    #[default]
+    Ok,
+    /// Some entries could not be mirrored (or the replica could not be made durable).
+    Partial,
+    /// A safety guard refused it; nothing was changed.
+    Refused,
+    /// It could not start (a root check failed); nothing was changed.
+    Failed,
+    /// SIGTERM, SIGINT or `stop` ended it.
+    Interrupted,
+}
+
+impl std::fmt::Display for PassResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PassResult::Ok => "ok",
+            PassResult::Partial => "partial",
+            PassResult::Refused => "refused",
+            PassResult::Failed => "failed",
+            PassResult::Interrupted => "interrupted",
+        })
+    }
+}
+
 /// Summary of one pass.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct PassRecord {
@@ -20,8 +49,7 @@ pub struct PassRecord {
     /// status written before it was measured.
     #[serde(default)]
     pub scan_us: u64,
-    /// `ok`, `partial`, `refused`, `failed` or `interrupted`.
-    pub result: String,
+    pub result: PassResult,
     /// What the pass did (flattened: the JSON keeps one flat object).
     #[serde(flatten)]
     pub counts: Counts,
