@@ -88,9 +88,9 @@ impl Compare<'_> {
         let (rep_hash, rep_version) = match rep_hit {
             Some(c) => (c.hash, c.rep.clone()),
             None => match self.replica.hash(rel, self.counters) {
-                Ok(v) => v,
+                Ok((Some(hash), version)) => (hash, version),
                 // An object store's object that carries no hash: its content is unknown.
-                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                Ok((None, _)) => {
                     return FileVerdict::Copy {
                         reason: changed,
                         hint: Some(Hint::Known(src_token, src_hash)),

@@ -214,7 +214,7 @@ impl Finder<'_> {
                     return;
                 }
                 match self.replica.hash(&g.rel, self.counters) {
-                    Ok((hash, version)) if version == g.version => g.hash = Some(hash),
+                    Ok((Some(hash), version)) if version == g.version => g.hash = Some(hash),
                     Ok(_) => {}
                     Err(e) => log::debug!("not moving '{}': {e}", g.rel),
                 }

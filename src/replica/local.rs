@@ -536,9 +536,9 @@ impl Replica for LocalReplica {
         Ok(Box::new(self.anchor()?.open_file(rel)?.file))
     }
 
-    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Version)> {
+    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Option<Hash>, Version)> {
         let (hash, token) = self.anchor()?.hash(rel, counters)?;
-        Ok((hash, token.to_version()))
+        Ok((Some(hash), token.to_version()))
     }
 
     fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf> {

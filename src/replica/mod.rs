@@ -142,9 +142,11 @@ pub trait Replica: Send + Sync {
     /// Opens a file to read it back.
     fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>>;
 
-    /// Hashes a file: its sha256 and the version it had while it was read. The default reads
-    /// it through `read` between two `stat`s and fails if the version moved.
-    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Version)> {
+    /// Hashes a file: its sha256 and the version it had while it was read. `None` for the
+    /// hash: the replica keeps none for this file and does not read it (an object written by
+    /// another tool): its content is unknown. The default reads it through `read` between
+    /// two `stat`s and fails if the version moved.
+    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Option<Hash>, Version)> {
         let before = self.stat(rel)?.ok_or(io::ErrorKind::NotFound)?;
         let mut reader = self.read(rel)?;
         let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
@@ -154,7 +156,7 @@ pub trait Replica: Send + Sync {
             return Err(io::Error::other("file changed while it was read"));
         }
         counters.add(n);
-        Ok((Hash(sha2::Digest::finalize(hasher).into()), after.1))
+        Ok((Some(Hash(sha2::Digest::finalize(hasher).into())), after.1))
     }
 
     /// The target of a symlink.

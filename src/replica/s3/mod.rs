@@ -1147,9 +1147,9 @@ impl Replica for S3Replica {
     }
 
     /// The sha256 syncer stored with the object (index, else one HEAD); never a download.
-    /// An object without one (written by someone else) is `Unsupported`: its content is
-    /// unknown, so it is replaced.
-    fn hash(&self, rel: &RelPath, _counters: &HashCounters) -> io::Result<(Hash, Version)> {
+    /// An object without one (written by someone else) has none: its content is unknown, so
+    /// it is replaced.
+    fn hash(&self, rel: &RelPath, _counters: &HashCounters) -> io::Result<(Option<Hash>, Version)> {
         let l = self.listed(rel).ok_or(io::ErrorKind::NotFound)?;
         let known = match self.checksum {
             true => {
@@ -1160,13 +1160,7 @@ impl Replica for S3Replica {
             false => self.resolve(l)?.1,
         };
         let version = Self::version(&known.etag, l.size);
-        match known.sha256 {
-            Some(h) => Ok((Hash(h), version)),
-            None => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "the object carries no sha256",
-            )),
-        }
+        Ok((known.sha256.map(Hash), version))
     }
 
     fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf> {

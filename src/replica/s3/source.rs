@@ -65,9 +65,9 @@ impl SourceTree for S3Replica {
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Hash, Token)> {
         let (meta, version) = Replica::stat(self, rel)?.ok_or(io::ErrorKind::NotFound)?;
         let token = token_of(&version, &meta);
-        match Replica::hash(self, rel, counters) {
-            Ok((h, _)) => Ok((h, token)),
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+        match Replica::hash(self, rel, counters)? {
+            (Some(h), _) => Ok((h, token)),
+            (None, _) => {
                 let mut content = self.object(rel, meta, token)?;
                 let mut sink = Discard;
                 content
@@ -76,7 +76,6 @@ impl SourceTree for S3Replica {
                 counters.add(meta.size);
                 Ok((content.finish().map_err(copy_to_io)?, token))
             }
-            Err(e) => Err(e),
         }
     }
 
