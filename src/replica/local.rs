@@ -532,10 +532,6 @@ impl Replica for LocalReplica {
             .map(|(meta, token)| (meta, token.to_version())))
     }
 
-    fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>> {
-        Ok(Box::new(self.anchor()?.open_file(rel)?.file))
-    }
-
     fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Option<Hash>, Version)> {
         let (hash, token) = self.anchor()?.hash(rel, counters)?;
         Ok((Some(hash), token.to_version()))

@@ -1,7 +1,9 @@
 //! The replica interface: the only way any stage reaches the replica. [`Replica`] lists,
-//! stats, reads (to hash), installs files atomically from a [`Content`] stream plus metadata
-//! (never from a source path), makes directories and symlinks, sets metadata, removes,
-//! renames, backs up, commits (durability) and locks. [`Capabilities`] says which metadata a
+//! stats, hashes (a local replica reads the file; an object store gives the hash it
+//! stored), installs files atomically from a [`Content`] stream plus metadata (never from a
+//! source path), makes directories and symlinks, sets metadata, removes, renames, backs up,
+//! commits (durability) and locks. Reading a replica back (a restore) goes through the
+//! source side, which each backend also implements. [`Capabilities`] says which metadata a
 //! replica keeps, so compare never reports a difference the replica cannot hold, and a
 //! replica's version of an entry ([`Version`]) is opaque: only its implementation reads it.
 //!
@@ -139,25 +141,11 @@ pub trait Replica: Send + Sync {
     /// Metadata and version of one entry, `None` if it does not exist.
     fn stat(&self, rel: &RelPath) -> io::Result<Option<(Meta, Version)>>;
 
-    /// Opens a file to read it back.
-    fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>>;
-
-    /// Hashes a file: its sha256 and the version it had while it was read. `None` for the
-    /// hash: the replica keeps none for this file and does not read it (an object written by
-    /// another tool): its content is unknown. The default reads it through `read` between
-    /// two `stat`s and fails if the version moved.
-    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Option<Hash>, Version)> {
-        let before = self.stat(rel)?.ok_or(io::ErrorKind::NotFound)?;
-        let mut reader = self.read(rel)?;
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        let n = io::copy(&mut reader, &mut hasher)?;
-        let after = self.stat(rel)?.ok_or(io::ErrorKind::NotFound)?;
-        if before.1 != after.1 {
-            return Err(io::Error::other("file changed while it was read"));
-        }
-        counters.add(n);
-        Ok((Some(Hash(sha2::Digest::finalize(hasher).into())), after.1))
-    }
+    /// Hashes a file: its sha256 and the version it had while it was read (a local replica
+    /// reads it; an object store gives the hash stored with the object). `None` for the hash:
+    /// the replica keeps none for this file and does not read it (an object written by
+    /// another tool): its content is unknown.
+    fn hash(&self, rel: &RelPath, counters: &HashCounters) -> io::Result<(Option<Hash>, Version)>;
 
     /// The target of a symlink.
     fn read_link(&self, rel: &RelPath) -> io::Result<PathBuf>;

@@ -1139,13 +1139,6 @@ impl Replica for S3Replica {
         Ok(Some((meta, Self::version(&known.etag, l.size))))
     }
 
-    fn read(&self, rel: &RelPath) -> io::Result<Box<dyn io::Read + Send>> {
-        let key = self.key(rel, Kind::File);
-        self.requests.get.fetch_add(1, Ordering::Relaxed);
-        let buf = self.call(self.op().read(&key))?;
-        Ok(Box::new(io::Cursor::new(buf.to_vec())))
-    }
-
     /// The sha256 syncer stored with the object (index, else one HEAD); never a download.
     /// An object without one (written by someone else) has none: its content is unknown, so
     /// it is replaced.
