@@ -771,3 +771,43 @@ fn a_slow_link_is_not_a_dead_one() {
     let got = rclone(s, &["cat", &format!("X:{BUCKET}/crawl/eight.bin")]).stdout;
     assert!(got == content, "the object differs from the source");
 }
+
+/// A whole bucket as the replica is refused (a mirror would delete every other prefix in it)
+/// unless `--allow-bucket-root` says it is meant.
+#[test]
+fn a_bucket_root_replica_needs_allow_bucket_root() {
+    let Some(s) = server() else { return };
+    let env = Env::new();
+    write(&env.src.join("f"), b"f");
+    let root = |bucket: &str, extra: &[&str]| {
+        let mut c = syncer();
+        crate::s3::aws_env(&mut c)
+            .arg("monoshot")
+            .arg("--source")
+            .arg(&env.src)
+            .args(["--replica", &format!("s3://{bucket}"), "--s3-endpoint"])
+            .arg(&s.endpoint)
+            .arg("--state-dir")
+            .arg(&env.state)
+            .args(extra);
+        run_bounded(c, Duration::from_secs(60))
+    };
+    let out = root(BUCKET, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("is a whole bucket") && stderr(&out).contains("--allow-bucket-root"),
+        "{}",
+        text(&out)
+    );
+    // Refused with the arguments, before the server or any state file is touched.
+    assert!(!env.state.exists(), "the refused run wrote state");
+    // Allowed, the run goes on to the server (a bucket that does not exist, so that no other
+    // test's objects are at stake).
+    let out = root("no-such-root-bucket", &["--allow-bucket-root"]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("bucket 'no-such-root-bucket' does not exist"),
+        "{}",
+        text(&out)
+    );
+}
